@@ -1,0 +1,5 @@
+"""The ``trio-dtls-server`` command."""
+
+
+def main() -> None:
+    raise SystemExit("not implemented yet")

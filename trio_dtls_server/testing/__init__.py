@@ -1,0 +1,1 @@
+"""A pytest-trio harness for testing DTLS programs."""
