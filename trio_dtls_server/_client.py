@@ -110,6 +110,7 @@ async def connect_dtls(
     config: DTLSClientConfig | None = None,
     *,
     server_hostname: str | None = None,
+    local_address: tuple[str, int] | None = None,
 ) -> DTLSSession:
     """Open a DTLS session to ``host``:``port`` and complete the handshake.
 
@@ -123,7 +124,11 @@ async def connect_dtls(
       HandshakeTimeout: no handshake within ``handshake_timeout``.
       HandshakeError: the server refused us, or we refused the server.
       ConfigError: the configuration is invalid.
-      OSError: ``host`` cannot be resolved.
+      OSError: ``host`` cannot be resolved, or ``local_address`` not bound.
+
+    ``local_address`` binds the client's socket first: to reconnect from the
+    same port (which replaces the server's session for that address), or to
+    use another source address.
     """
     if config is None:
         config = DTLSClientConfig()
@@ -134,6 +139,8 @@ async def connect_dtls(
     owner = _ClientOwner(sock, tls)
     try:
         sock.setblocking(False)
+        if local_address is not None:
+            sock.bind(local_address)
         # Resolved to the socket's own address form, so that replies match (an
         # IPv6 peer is a 4-tuple), and connected, so the kernel drops strangers.
         sock.connect(sockaddr)

@@ -26,6 +26,7 @@ from OpenSSL import SSL
 from ._config import DTLSServerConfig, TLSContext
 from ._errors import HandshakeError
 from ._records import (
+    RECORD_HEADER_SIZE,
     BadRecord,
     CookieJar,
     hello_verify_request,
@@ -175,9 +176,18 @@ class DTLSServer:
         for session in self._running:
             for name in _PER_SESSION:
                 counters[name] += getattr(session, name)
+        ended = sum(
+            counters[name]
+            for name in (
+                "handshakes_completed",
+                "handshakes_failed",
+                "handshake_timeouts",
+                "handshakes_aborted",
+            )
+        )
         return ServerStats(
             sessions_active=len(self._lru),
-            handshakes_active=len(self._by_address) - len(self._lru),
+            handshakes_active=counters["handshakes_started"] - ended,
             send_failures=self._sender.send_failures,
             **counters,
         )
@@ -267,7 +277,7 @@ class DTLSServer:
     def _dispatch(self, datagram: bytes, address: Any) -> None:
         session = self._by_address.get(address)
         if not looks_like_client_hello(datagram):
-            if session is not None:
+            if session is not None and len(datagram) >= RECORD_HEADER_SIZE:
                 session._on_datagram(datagram)
             else:
                 self._counters["datagrams_invalid"] += 1
@@ -378,6 +388,7 @@ class DTLSServer:
 
     def session_established(self, session: DTLSSession) -> None:
         self._lru[session.peer_address] = session
+        self._counters["handshakes_completed"] += 1
 
     def session_active(self, session: DTLSSession) -> None:
         self._lru.move_to_end(session.peer_address)
@@ -404,7 +415,6 @@ class DTLSServer:
             with session.scope:
                 if not await self._handshake(session):
                     return
-                counters["handshakes_completed"] += 1
                 logger.info(
                     "session %s from %s established: %s, %s, peer %s",
                     session.session_id,
