@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from functools import partial
 
 import pytest
 import trio
 
 from trio_dtls_server import (
     CloseReason,
+    DTLSServer,
     DTLSSession,
     HandshakeError,
     HandshakeTimeout,
@@ -426,10 +428,8 @@ async def test_shutdown_cancels_a_handler_that_overstays_its_grace(
 
 async def test_cancelling_serve_dtls_shuts_down_gracefully(dtls_pki: TestPKI) -> None:
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_dtls(
-                _echo, 0, config=dtls_pki.server_config(), task_status=task_status
-            )
+        server: DTLSServer = await nursery.start(
+            partial(serve_dtls, _echo, 0, config=dtls_pki.server_config())
         )
         client = await connect_dtls(*server.address, dtls_pki.client_config())
         assert await exchange(client, b"x") == b"x"

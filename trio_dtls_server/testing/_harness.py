@@ -108,7 +108,8 @@ async def wait_until(
     Raises ``AssertionError`` (with ``message``) after ``timeout`` seconds.
     """
     with trio.move_on_after(timeout):
-        while not predicate():
+        # Polling: the condition is arbitrary, so there is no event to wait on.
+        while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.005)
         return
     raise AssertionError(message or f"condition not met within {timeout} s")
@@ -142,7 +143,7 @@ async def wait_for_stats(
         return True
 
     with trio.move_on_after(timeout):
-        while not matches(stats := server.stats()):
+        while not matches(stats := server.stats()):  # noqa: ASYNC110
             await trio.sleep(0.005)
         return stats
     shown = {name: getattr(server.stats(), name) for name in expected}

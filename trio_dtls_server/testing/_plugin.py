@@ -20,7 +20,6 @@ pytest-trio, with ``trio_mode = true`` or ``@pytest.mark.trio``):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -101,12 +100,26 @@ async def dtls_client(dtls_pki: TestPKI) -> AsyncIterator[ClientFactory]:
 
 
 @pytest.fixture
-async def fault_relay() -> AsyncIterator[RelayFactory]:
+async def fault_relay(nursery: trio.Nursery) -> AsyncIterator[RelayFactory]:
     """Factory: a fault-injecting relay in front of a server; closed at the end."""
-    async with contextlib.AsyncExitStack() as stack:
+    stops: list[trio.CancelScope] = []
 
-        async def open_relay(target: DTLSServer | tuple[str, int], **options: Any) -> FaultyRelay:
-            address = target if isinstance(target, tuple) else target.address
-            return await stack.enter_async_context(open_fault_relay(address, **options))
+    async def run_relay(
+        address: tuple[str, int],
+        options: dict[str, Any],
+        task_status: trio.TaskStatus[FaultyRelay],
+    ) -> None:
+        with trio.CancelScope() as scope:
+            stops.append(scope)
+            async with open_fault_relay(address, **options) as relay:
+                task_status.started(relay)
+                await trio.sleep_forever()
 
-        yield open_relay
+    async def open_relay(target: DTLSServer | tuple[str, int], **options: Any) -> FaultyRelay:
+        address = target if isinstance(target, tuple) else target.address
+        relay: FaultyRelay = await nursery.start(run_relay, address, options)
+        return relay
+
+    yield open_relay
+    for scope in stops:
+        scope.cancel()
