@@ -494,3 +494,19 @@ async def test_handler_that_falls_behind_drops_and_counts(
     release.set()
     got = [await client.receive() for _ in range(4)]
     assert got == [b"0", b"1", b"2", b"3"]
+
+
+async def test_shutdown_aborts_handshakes_in_progress_and_counts_them(
+    dtls_pki: TestPKI, dtls_server: ServerFactory
+) -> None:
+    server = await dtls_server(handshake_timeout=30)
+    raw = await RawHandshake.start(server.address, dtls_pki.client_config())
+    try:
+        await wait_for_stats(server, handshakes_active=1)
+        with trio.fail_after(3):
+            await server.aclose()
+        stats = server.stats()
+        assert stats.handshakes_aborted == 1
+        assert stats.handshakes_active == 0
+    finally:
+        raw.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import logging
 import math
 import socket
@@ -51,7 +52,7 @@ class ServerStats:
     """
 
     sessions_active: int
-    """Established sessions now (including those whose handler is finishing)."""
+    """Established sessions now (not counting ended ones whose handler is finishing)."""
     handshakes_active: int
     """Handshakes in progress now."""
     handshakes_started: int
@@ -331,7 +332,8 @@ class DTLSServer:
             if len(mine) >= per_ip and not self._evict_idle(s for s in mine if s.is_established):
                 return False
         if len(self._by_address) >= config.max_sessions:
-            return self._evict_idle(iter(self._lru.values()))
+            # _lru is ordered by last activity: its head is the only candidate.
+            return self._evict_idle(itertools.islice(self._lru.values(), 1))
         return True
 
     def _evict_idle(self, candidates: Any) -> bool:
@@ -411,9 +413,11 @@ class DTLSServer:
     async def _run_session(self, session: DTLSSession) -> None:
         counters = self._counters
         reason = CloseReason.HANDLER_RETURNED
+        handshake_counted = False
         try:
             with session.scope:
-                if not await self._handshake(session):
+                handshake_counted = await self._handshake(session)
+                if session.established_at is None:
                     return
                 logger.info(
                     "session %s from %s established: %s, %s, peer %s",
@@ -443,11 +447,16 @@ class DTLSServer:
                 for name in _PER_SESSION:
                     counters[name] += getattr(session, name)
                 self._log_end(session)
+            elif not handshake_counted:
+                # Cancelled mid-handshake: replaced, or the server shut down.
+                counters["handshakes_aborted"] += 1
             self._running.discard(session)
             if not self._running:
                 self._tasks_done.set()
 
     async def _handshake(self, session: DTLSSession) -> bool:
+        """Wait for the handshake; count how it ended unless it succeeded or was
+        cancelled. Returns whether it was counted (success counts itself)."""
         counters = self._counters
         with trio.move_on_after(self.config.handshake_timeout) as deadline:
             try:
@@ -463,7 +472,6 @@ class DTLSServer:
                     )
                 else:
                     counters["handshakes_aborted"] += 1
-                return False
             return True
         if deadline.cancelled_caught:
             counters["handshake_timeouts"] += 1
@@ -474,7 +482,8 @@ class DTLSServer:
                 self.config.handshake_timeout,
                 extra={"session_id": session.session_id, "peer": session.peer},
             )
-        return False
+            return True
+        return False  # pragma: no cover - move_on_after either returns or catches
 
     def _log_end(self, session: DTLSSession) -> None:
         assert session.established_at is not None
