@@ -510,3 +510,21 @@ async def test_shutdown_aborts_handshakes_in_progress_and_counts_them(
         assert stats.handshakes_active == 0
     finally:
         raw.close()
+
+
+async def test_a_handler_that_only_sends_does_not_starve_the_server(
+    dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    # send() skips most yields to the scheduler; it must still yield sometimes.
+    async def firehose(session: DTLSSession) -> None:
+        while True:
+            await session.send(b"x" * 10)
+
+    server = await dtls_server(firehose)
+    first = await dtls_client(server)
+    with trio.fail_after(5):
+        assert await first.receive() == b"x" * 10
+        other = await dtls_client(server)  # the receive loop still gets its turns
+    await wait_for_stats(server, sessions_active=2)
+    await other.aclose()
+    await first.aclose()

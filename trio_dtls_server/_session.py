@@ -255,6 +255,11 @@ class DTLSSession(trio.abc.Channel[bytes]):
 
         Raises ``trio.EndOfChannel`` once the session has ended and every
         datagram received before that has been read.
+
+        When a datagram is already queued it is returned without yielding to
+        other tasks (cancellation is still honoured). That cannot starve them:
+        only the receive loop queues datagrams, and it runs only when this task
+        yields, so at most ``max_queued_datagrams`` receives in a row skip it.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         inbox = self._inbox
@@ -264,12 +269,15 @@ class DTLSSession(trio.abc.Channel[bytes]):
                     raise trio.ClosedResourceError("this session was closed")
                 raise trio.EndOfChannel
             await self._wait_for_input()
-        datagram = inbox.popleft()
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return datagram
+        return inbox.popleft()
 
     async def send(self, value: bytes) -> None:
-        """Send one datagram of at most 16 KiB to the peer, encrypted."""
+        """Send one datagram of at most 16 KiB to the peer, encrypted.
+
+        Waits only if the kernel's send buffer is full. A send the kernel takes
+        at once yields to other tasks only every few calls, which is enough to
+        keep a task that does nothing but send from starving the others.
+        """
         if self._state is not _State.ESTABLISHED and self._state is not _State.ENDING:
             await trio.lowlevel.checkpoint()
             if self.close_reason is CloseReason.LOCAL_CLOSE:
