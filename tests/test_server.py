@@ -13,6 +13,7 @@ import trio
 from trio_dtls_server import (
     CloseReason,
     DTLSServer,
+    DTLSServerConfig,
     DTLSSession,
     HandshakeError,
     HandshakeTimeout,
@@ -528,3 +529,23 @@ async def test_a_handler_that_only_sends_does_not_starve_the_server(
     await wait_for_stats(server, sessions_active=2)
     await other.aclose()
     await first.aclose()
+
+
+async def test_psk_only_server_refuses_a_client_with_no_credentials(
+    dtls_pki: TestPKI, dtls_server: ServerFactory
+) -> None:
+    # A certificate is loaded, but clients authenticate by PSK only: a client
+    # that offers certificate suites and no PSK must not get a session.
+    config = DTLSServerConfig(handshake_timeout=1, psk_identities=dict(dtls_pki.psk_identities))
+    config.load_cert_chain(dtls_pki.files.server_cert, dtls_pki.files.server_key)
+    server = await dtls_server(config=config)
+    with pytest.raises(HandshakeError):
+        await connect_dtls(
+            *server.address, dtls_pki.client_config(certificate=False, handshake_timeout=2)
+        )
+    psk = await connect_dtls(*server.address, dtls_pki.psk_client_config())
+    try:
+        assert await exchange(psk, b"psk") == b"psk"
+    finally:
+        await psk.aclose()
+    assert server.stats().handshakes_completed == 1

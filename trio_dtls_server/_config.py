@@ -419,7 +419,13 @@ class DTLSServerConfig(_Credentials):
     def build_context(self) -> TLSContext:
         """Validate, then make the OpenSSL context every server connection uses."""
         self.validate()
-        ctx = self._new_context(self.ciphers, self.keylog_file)
+        # Never anonymous suites. And when PSK is the only way clients prove who
+        # they are, no certificate-authenticated suites either: with those, the
+        # server would authenticate itself but never ask the client anything.
+        ciphers = self.ciphers + ":!aNULL"
+        if self.client_auth == "required" and not self._ca_certs:
+            ciphers += ":!aRSA:!aECDSA:!aDSS"
+        ctx = self._new_context(ciphers, self.keylog_file)
         keepalive: list[object] = []
         if self._ca_certs:
             ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
