@@ -7,7 +7,14 @@ them needs three private names of pyOpenSSL, each used only here:
 - ``Context._context``: the ``SSL_CTX *`` to install the PSK callbacks on;
 - ``Connection._ssl``: the ``SSL *`` whose verify parameters get the host name;
 - ``Connection._reverse_mapping``: pyOpenSSL's own ``SSL *`` -> ``Connection``
-  map, which its callbacks use too, to find our session from a PSK callback.
+  map, which its callbacks use too, to find our session from a PSK callback;
+- ``Connection._into_ssl``/``_from_ssl`` (the memory BIOs) and
+  ``Connection._raise_ssl_error``: the per-datagram fast path below encrypts
+  and decrypts with direct OpenSSL calls into one reused buffer, where
+  pyOpenSSL allocates a new 16-64 KiB buffer on every call. It raises exactly
+  the exceptions pyOpenSSL's own ``read``/``write`` would. If these names
+  move, or ``TRIO_DTLS_SERVER_FAST_PATH=0`` is set, the public calls are used
+  instead (``record_functions``); the test suite runs on both.
 
 The library needs nothing private from trio: the session engine uses trio's
 public socket and ``trio.lowlevel`` APIs only.
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +84,79 @@ def check_supported() -> None:
             "no longer has: " + ", ".join(missing) + "; see pyproject.toml for the "
             "supported versions"
         )
+
+
+Decrypt = Callable[[SSL.Connection, bytes], bytes]
+Encrypt = Callable[[SSL.Connection, bytes], bytes]
+
+#: Plaintext of one record is at most 2**14 bytes; ciphertext adds at most 2048.
+_SCRATCH_SIZE = 2**14 + 2048 + 64
+# One buffer serves every connection: each use is synchronous (no await
+# between the OpenSSL call and copying the result out), and trio runs one
+# task at a time. Another thread gets its own via _scratch().
+_scratch_by_thread = threading.local()
+
+
+def _scratch() -> Any:
+    buf = getattr(_scratch_by_thread, "buf", None)
+    if buf is None:
+        buf = _scratch_by_thread.buf = _ffi.new("char[]", _SCRATCH_SIZE)
+    return buf
+
+
+def _fast_decrypt(conn: SSL.Connection, datagram: bytes) -> bytes:
+    """Feed one datagram and return the plaintext of its first record."""
+    with _ffi.from_buffer(datagram) as data:
+        if _lib.BIO_write(conn._into_ssl, data, len(datagram)) <= 0:
+            raise SSL.Error([("memory BIO", "", "write failed")])
+    buf = _scratch()
+    n = _lib.SSL_read(conn._ssl, buf, _SCRATCH_SIZE)
+    if n <= 0:
+        conn._raise_ssl_error(conn._ssl, n)  # WantReadError, ZeroReturnError, Error
+    return bytes(_ffi.buffer(buf, n))
+
+
+def _fast_encrypt(conn: SSL.Connection, plaintext: bytes) -> bytes:
+    """Encrypt one record and return its ciphertext (the datagram to send)."""
+    with _ffi.from_buffer(plaintext) as data:
+        n = _lib.SSL_write(conn._ssl, data, len(plaintext))
+    if n <= 0:
+        conn._raise_ssl_error(conn._ssl, n)
+    buf = _scratch()
+    n = _lib.BIO_read(conn._from_ssl, buf, _SCRATCH_SIZE)
+    if n <= 0:  # pragma: no cover - SSL_write always leaves a record behind
+        raise SSL.Error([("memory BIO", "", "no record after SSL_write")])
+    return bytes(_ffi.buffer(buf, n))
+
+
+def _public_decrypt(conn: SSL.Connection, datagram: bytes) -> bytes:
+    conn.bio_write(datagram)
+    return conn.read(_SCRATCH_SIZE)
+
+
+def _public_encrypt(conn: SSL.Connection, plaintext: bytes) -> bytes:
+    conn.write(plaintext)
+    return conn.bio_read(_SCRATCH_SIZE)
+
+
+def fast_path_available() -> bool:
+    """Whether the private pieces the fast path uses are where we expect them."""
+    conn = SSL.Connection(SSL.Context(SSL.DTLS_METHOD), None)
+    return all(
+        hasattr(conn, name) for name in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error")
+    ) and all(hasattr(_lib, name) for name in ("SSL_read", "SSL_write", "BIO_read", "BIO_write"))
+
+
+def record_functions() -> tuple[Decrypt, Encrypt, bool]:
+    """``(decrypt, encrypt, fast)``: the per-datagram record functions to use.
+
+    ``TRIO_DTLS_SERVER_FAST_PATH=0`` in the environment selects the public
+    pyOpenSSL calls even when the fast path is available.
+    """
+    wanted = os.environ.get("TRIO_DTLS_SERVER_FAST_PATH", "1") != "0"
+    if wanted and fast_path_available():
+        return _fast_decrypt, _fast_encrypt, True
+    return _public_decrypt, _public_encrypt, False
 
 
 def _connection_for(ssl: Any) -> SSL.Connection | None:

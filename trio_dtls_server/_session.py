@@ -30,6 +30,7 @@ import trio
 from cryptography import x509
 from OpenSSL import SSL
 
+from . import _internals
 from ._errors import HandshakeError, SessionClosed
 from ._records import BadRecord, is_single_application_record, iter_records, pack_datagrams
 
@@ -37,6 +38,10 @@ logger = logging.getLogger("trio_dtls_server")
 
 #: Largest plaintext of one DTLS record (RFC 6347: 2**14).
 MAX_DATAGRAM_PAYLOAD = 2**14
+
+# The per-datagram record functions: direct OpenSSL calls when available,
+# pyOpenSSL's public ones otherwise (see _internals.record_functions).
+_decrypt, _encrypt, FAST_PATH = _internals.record_functions()
 _READ_SIZE = 2**14 + 2048
 _BIO_READ_SIZE = 2**16
 
@@ -289,11 +294,10 @@ class DTLSSession(trio.abc.Channel[bytes]):
         if size > MAX_DATAGRAM_PAYLOAD:
             raise ValueError(f"a DTLS record holds at most {MAX_DATAGRAM_PAYLOAD} bytes")
         try:
-            self._conn.write(value)
+            record = _encrypt(self._conn, value)
         except SSL.Error as exc:
             self._protocol_error(exc)
             raise SessionClosed(CloseReason.PROTOCOL_ERROR.value) from None
-        record = self._conn.bio_read(_BIO_READ_SIZE)
         self.datagrams_out += 1
         self.bytes_out += size
         await self._owner.send(record, self.peer_address)
@@ -312,13 +316,11 @@ class DTLSSession(trio.abc.Channel[bytes]):
     def _on_datagram(self, datagram: bytes) -> None:
         state = self._state
         if state is _State.ESTABLISHED:
-            conn = self._conn
-            conn.bio_write(datagram)
             if is_single_application_record(datagram):
                 # The common case needs one read: the record fills the datagram,
                 # and application data makes OpenSSL write nothing back.
                 try:
-                    data = conn.read(_READ_SIZE)
+                    data = _decrypt(self._conn, datagram)
                 except SSL.WantReadError:
                     return  # a replay, or a record that failed to authenticate
                 except SSL.Error:
@@ -326,6 +328,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
                     return
                 self._deliver(data)
             else:
+                self._conn.bio_write(datagram)
                 self._read_all()
         elif state is _State.HANDSHAKING:
             self._conn.bio_write(datagram)
