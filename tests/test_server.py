@@ -549,3 +549,42 @@ async def test_psk_only_server_refuses_a_client_with_no_credentials(
     finally:
         await psk.aclose()
     assert server.stats().handshakes_completed == 1
+
+
+async def test_session_resumption_abbreviates_the_handshake(
+    dtls_pki: TestPKI, dtls_server: ServerFactory
+) -> None:
+    recorder = Recorder()
+    server = await dtls_server(recorder)
+    config = dtls_pki.client_config()
+    first = await connect_dtls(*server.address, config)
+    assert await exchange(first, b"full") == b"full"
+    ticket = first.tls_session
+    assert ticket is not None and not first.session_reused
+    await first.aclose()
+    again = await connect_dtls(*server.address, config, session=ticket)
+    try:
+        assert again.session_reused
+        assert await exchange(again, b"resumed") == b"resumed"
+        await wait_until(lambda: len(recorder.sessions) == 2)
+        # The resumed session still knows who the client is.
+        assert recorder.sessions[1].session_reused
+        assert recorder.sessions[1].identity == "client"
+    finally:
+        await again.aclose()
+
+
+async def test_server_without_session_tickets_does_a_full_handshake(
+    dtls_pki: TestPKI, dtls_server: ServerFactory
+) -> None:
+    server = await dtls_server(session_tickets=False)
+    config = dtls_pki.client_config()
+    first = await connect_dtls(*server.address, config)
+    ticket = first.tls_session
+    await first.aclose()
+    again = await connect_dtls(*server.address, config, session=ticket)
+    try:
+        assert not again.session_reused
+        assert await exchange(again, b"full") == b"full"
+    finally:
+        await again.aclose()

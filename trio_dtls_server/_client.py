@@ -111,6 +111,7 @@ async def connect_dtls(
     *,
     server_hostname: str | None = None,
     local_address: tuple[str, int] | None = None,
+    session: SSL.Session | None = None,
 ) -> DTLSSession:
     """Open a DTLS session to ``host``:``port`` and complete the handshake.
 
@@ -126,7 +127,9 @@ async def connect_dtls(
       ConfigError: the configuration is invalid.
       OSError: ``host`` cannot be resolved, or ``local_address`` not bound.
 
-    ``local_address`` binds the client's socket first: to reconnect from the
+    ``session`` (an earlier session's ``tls_session``) asks the server to
+    resume it: an abbreviated handshake, if the server still accepts it (else
+    a full one). ``local_address`` binds the client's socket first: to reconnect from the
     same port (which replaces the server's session for that address), or to
     use another source address.
     """
@@ -146,13 +149,15 @@ async def connect_dtls(
         sock.connect(sockaddr)
         conn = SSL.Connection(tls.context, None)
         conn.set_connect_state()
+        if session is not None:
+            conn.set_session(session)
         name = server_hostname if server_hostname is not None else host
         if config.verify_server and config.check_hostname:
             _internals.require_peer_host(conn, name)
         if not _is_ip_literal(name):
             conn.set_tlsext_host_name(name.encode("idna"))
         mtu = config.mtu or (1472 if family == socket.AF_INET else 1452)
-        session = DTLSSession(
+        dtls = DTLSSession(
             conn,
             sockaddr,
             owner,
@@ -162,20 +167,20 @@ async def connect_dtls(
         )
         try:
             with trio.fail_after(config.handshake_timeout):
-                session._drive_handshake()  # sends the first ClientHello
-                await session._await_handshake()
+                dtls._drive_handshake()  # sends the first ClientHello
+                await dtls._await_handshake()
         except trio.TooSlowError:
-            session._end(CloseReason.HANDSHAKE_TIMEOUT)
+            dtls._end(CloseReason.HANDSHAKE_TIMEOUT)
             raise HandshakeTimeout(
-                f"no DTLS handshake with {session.peer} within {config.handshake_timeout} s"
+                f"no DTLS handshake with {dtls.peer} within {config.handshake_timeout} s"
             ) from None
         except HandshakeError as exc:
             if owner.refused:
                 raise HandshakeError(
-                    f"nothing is listening at {session.peer} (ICMP port unreachable)"
+                    f"nothing is listening at {dtls.peer} (ICMP port unreachable)"
                 ) from None
-            raise HandshakeError(f"handshake with {session.peer} failed: {exc}") from None
+            raise HandshakeError(f"handshake with {dtls.peer} failed: {exc}") from None
     except BaseException:
         owner.close()
         raise
-    return session
+    return dtls

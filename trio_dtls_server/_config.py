@@ -191,6 +191,9 @@ class _Credentials:
     _private_key: _PrivateKey | None
     _ca_certs: list[x509.Certificate]
 
+    def _credentials_changed(self) -> None:
+        """Loaded credentials changed (the client config drops its built context)."""
+
     def _init_credentials(self) -> None:
         self._cert_chain = []
         self._private_key = None
@@ -216,6 +219,7 @@ class _Credentials:
             )
         self._cert_chain = chain
         self._private_key = key
+        self._credentials_changed()
 
     def load_verify_locations(
         self,
@@ -233,6 +237,7 @@ class _Credentials:
                 self._ca_certs.extend(x509.load_pem_x509_certificates(data))
             except ValueError:
                 raise ConfigError("cadata", "holds no PEM certificate") from None
+        self._credentials_changed()
 
     @property
     def certificate(self) -> x509.Certificate | None:
@@ -433,7 +438,12 @@ class DTLSServerConfig(_Credentials):
                 ctx.add_client_ca(ca)
         else:
             ctx.set_verify(SSL.VERIFY_NONE)
-        if not self.session_tickets:
+        if self.session_tickets:
+            # OpenSSL refuses to resume (internal_error) when it verifies peers
+            # and no session id context is set. Tickets are encrypted under a
+            # key of this context, so another server cannot resume ours anyway.
+            ctx.set_session_id(b"trio-dtls-server")
+        else:
             ctx.set_options(SSL.OP_NO_TICKET)
         # We check cookies ourselves, statelessly, before OpenSSL sees a peer
         # (see _records.CookieJar); DTLSv1_listen still wants a verifier.
@@ -522,12 +532,29 @@ class DTLSClientConfig(_Credentials):
     def validate(self) -> None:
         self._check_fields()
 
-    def build_context(self) -> TLSContext:
-        """Validate, then make a fresh OpenSSL context for one connection.
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if not name.startswith("_"):
+            object.__setattr__(self, "_built", None)  # a setting changed: rebuild
 
-        A fresh one each time: since pyOpenSSL 26.2 a context that has made a
-        connection cannot be changed any more.
+    def _credentials_changed(self) -> None:
+        object.__setattr__(self, "_built", None)
+
+    def build_context(self) -> TLSContext:
+        """Validate, then make the OpenSSL context for this configuration.
+
+        The context is built once and reused until a setting changes: sessions
+        can only be resumed with the context that made them, and nothing
+        changes a context after building it (pyOpenSSL 26.2 forbids that once
+        it has made a connection).
         """
+        built: TLSContext | None = getattr(self, "_built", None)
+        if built is None:
+            built = self._build_context()
+            object.__setattr__(self, "_built", built)
+        return built
+
+    def _build_context(self) -> TLSContext:
         self.validate()
         ciphers = self.ciphers
         if ciphers is None:

@@ -75,6 +75,7 @@ def check_supported() -> None:
         "X509_VERIFY_PARAM_set1_host",
         "X509_VERIFY_PARAM_set1_ip",
         "X509_VERIFY_PARAM_set_hostflags",
+        "SSL_session_reused",
     ):
         if not hasattr(_lib, name):
             missing.append(f"cryptography binding lib.{name}")
@@ -157,6 +158,11 @@ def record_functions() -> tuple[Decrypt, Encrypt, bool]:
     if wanted and fast_path_available():
         return _fast_decrypt, _fast_encrypt, True
     return _public_decrypt, _public_encrypt, False
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether the handshake resumed a session (pyOpenSSL does not say)."""
+    return bool(_lib.SSL_session_reused(conn._ssl))
 
 
 def _connection_for(ssl: Any) -> SSL.Connection | None:

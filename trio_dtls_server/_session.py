@@ -241,7 +241,18 @@ class DTLSSession(trio.abc.Channel[bytes]):
     @property
     def session_reused(self) -> bool:
         """True if the handshake resumed an earlier session (abbreviated handshake)."""
-        return bool(self.established_at is not None and self._conn.session_reused())
+        return self.established_at is not None and _internals.session_reused(self._conn)
+
+    @property
+    def tls_session(self) -> SSL.Session | None:
+        """The TLS session to resume later: pass it to ``connect_dtls(session=...)``.
+
+        With the server's session tickets (on by default), the next handshake
+        is abbreviated: no certificates, no key exchange.
+        """
+        if self.established_at is None:
+            return None
+        return self._conn.get_session()
 
     @property
     def is_established(self) -> bool:
