@@ -52,7 +52,10 @@ class _ClientOwner:
             return
         self._reading = True
         try:
-            await trio.lowlevel.wait_readable(self._sock)
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+            except trio.ClosedResourceError:
+                return  # another task closed the session (see session_ended)
             for _ in range(RECEIVE_BATCH):
                 if self._closed:
                     break
@@ -83,12 +86,16 @@ class _ClientOwner:
 
     def session_ended(self, session: DTLSSession) -> None:
         self._closed = True
-        if not self._reading:
+        if self._reading:
+            # Wake the task waiting on the socket; it closes it on its way out.
+            trio.lowlevel.notify_closing(self._sock)
+        else:
             self._close_socket()
 
     def _close_socket(self) -> None:
         if self._sock.fileno() != -1:
-            trio.lowlevel.notify_closing(self._sock)
+            if not self._reading:
+                trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
 
     def close(self) -> None:

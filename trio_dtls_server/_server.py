@@ -77,7 +77,11 @@ class ServerStats:
     datagrams_dropped: int
     """Application datagrams dropped because a handler fell behind."""
     datagrams_invalid: int
-    """Datagrams from unknown peers that were no valid ClientHello, or that OpenSSL refused."""
+    """Malformed datagrams: ClientHellos that do not parse or that OpenSSL refused, and
+    datagrams too short to be a record."""
+    datagrams_unmatched: int
+    """Datagrams for no session: late records of ended sessions (a peer's close_notify
+    answering ours, say), and strays."""
     cookies_sent: int
     """HelloVerifyRequests sent (the stateless first round of every handshake)."""
     send_failures: int
@@ -278,7 +282,9 @@ class DTLSServer:
     def _dispatch(self, datagram: bytes, address: Any) -> None:
         session = self._by_address.get(address)
         if not looks_like_client_hello(datagram):
-            if session is not None and len(datagram) >= RECORD_HEADER_SIZE:
+            if session is None:
+                self._counters["datagrams_unmatched"] += 1
+            elif len(datagram) >= RECORD_HEADER_SIZE:
                 session._on_datagram(datagram)
             else:
                 self._counters["datagrams_invalid"] += 1
