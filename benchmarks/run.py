@@ -123,23 +123,30 @@ class Server:
             self.proc.wait()
 
 
+def project_server(bench: Path, *options: str, cpu: str | None) -> Server:
+    """``trio-dtls-server serve --app echo`` on an ephemeral port with the bench's certificate."""
+    certs = bench / "out/certs"
+    return Server(
+        [
+            *PROJECT.split(),
+            *options,
+            "--port",
+            "0",
+            "--cert",
+            str(certs / "server.pem"),
+            "--key",
+            str(certs / "server.key"),
+        ],
+        cpu=cpu,
+    )
+
+
 def resumption(bench: Path, reps: int, duration: float) -> list[dict[str, Any]]:
     certs = bench / "out/certs"
     results = []
     for rep in range(reps):
         for mode in ("full", "resumed") if rep % 2 == 0 else ("resumed", "full"):
-            server = Server(
-                [
-                    *PROJECT.split(),
-                    "--port",
-                    "0",
-                    "--cert",
-                    str(certs / "server.pem"),
-                    "--key",
-                    str(certs / "server.key"),
-                ],
-                cpu="0",
-            )
+            server = project_server(bench, cpu="0")
             try:
                 cpu0 = server.cpu_seconds()
                 done = subprocess.run(
@@ -178,25 +185,11 @@ def resumption(bench: Path, reps: int, duration: float) -> list[dict[str, Any]]:
 def workers(
     bench: Path, reps: int, duration: float, cells: list[tuple[int, int]]
 ) -> list[dict[str, Any]]:
-    certs = bench / "out/certs"
     results = []
     for rep in range(reps):
         for sessions, window in cells:
             for count in (1, 2) if rep % 2 == 0 else (2, 1):
-                server = Server(
-                    [
-                        *PROJECT.split(),
-                        "--workers",
-                        str(count),
-                        "--port",
-                        "0",
-                        "--cert",
-                        str(certs / "server.pem"),
-                        "--key",
-                        str(certs / "server.key"),
-                    ],
-                    cpu=None,
-                )
+                server = project_server(bench, "--workers", str(count), cpu=None)
                 try:
                     cpu0, wall0 = server.cpu_seconds(), time.monotonic()
                     done = subprocess.run(
