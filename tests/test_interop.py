@@ -19,17 +19,16 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 import trio
-from test_cli import TIMEOUT, Launcher, Output, ServerProcess, certificate_args, containing
+from cliprocess import TIMEOUT, Launcher, Output, ServerProcess, certificate_args, containing
 
 from trio_dtls_server.testing import FaultyRelay, TestPKI
 
@@ -236,25 +235,6 @@ def reply(text: str) -> str:
 # -- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def interop_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of every process: no key log, its own development certificate
-    directory (never the user's), and Qt without a display."""
-    env = {name: value for name, value in os.environ.items() if name != "SSLKEYLOGFILE"}
-    env["TRIO_DTLS_SERVER_CERT_DIR"] = str(tmp_path / "development-certs")
-    env["QT_QPA_PLATFORM"] = "offscreen"
-    return env
-
-
-@pytest.fixture
-async def launcher(nursery: trio.Nursery, interop_env: dict[str, str]) -> AsyncIterator[Launcher]:
-    launcher = Launcher(nursery, interop_env)
-    try:
-        yield launcher
-    finally:
-        await launcher.kill_all()
-
-
 def psk_args(pki: TestPKI) -> list[str]:
     return [
         part
@@ -264,10 +244,10 @@ def psk_args(pki: TestPKI) -> list[str]:
 
 
 @pytest.fixture
-async def echo_server(launcher: Launcher, dtls_pki: TestPKI) -> ServerProcess:
+async def echo_server(cli: Launcher, dtls_pki: TestPKI) -> ServerProcess:
     """``--app echo`` with the test certificate, requiring client certificates from the
     test CA or one of the test PSK identities; stats on stderr every 0.2 s."""
-    return await launcher.serve(
+    return await cli.serve(
         "--port",
         "0",
         "--app",
@@ -282,9 +262,9 @@ async def echo_server(launcher: Launcher, dtls_pki: TestPKI) -> ServerProcess:
 
 
 @pytest.fixture
-async def ack_server(launcher: Launcher) -> ServerProcess:
+async def ack_server(cli: Launcher) -> ServerProcess:
     """``--app ack`` with only the PSK of Qt's example: Qt's secureudpserver, safely."""
-    return await launcher.serve(
+    return await cli.serve(
         "--port", "0", "--app", "ack", "--psk", f"{QT_EXAMPLE_IDENTITY}:{QT_EXAMPLE_KEY.hex()}"
     )
 
@@ -307,12 +287,12 @@ async def wait_for_stat(server: ServerProcess, name: str, at_least: int) -> dict
 
 
 async def test_interop_openssl_s_client_with_a_client_certificate(
-    echo_server: ServerProcess, dtls_pki: TestPKI, interop_env: dict[str, str]
+    echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
     message = "hello from openssl s_client, certificate ü"
     run = await run_client(
         s_client(echo_server.port, *s_client_certificate(dtls_pki)),
-        env=interop_env,
+        env=cli_env,
         stdin=f"{message}\n".encode(),
         until=message,
     )
@@ -321,13 +301,13 @@ async def test_interop_openssl_s_client_with_a_client_certificate(
 
 
 async def test_interop_openssl_s_client_with_psk(
-    echo_server: ServerProcess, dtls_pki: TestPKI, interop_env: dict[str, str]
+    echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
     for identity, key in dtls_pki.psk_identities.items():  # a 16- and a 32-byte key
         message = f"hello from openssl s_client as {identity}"
         run = await run_client(
             s_client(echo_server.port, *s_client_psk(identity, key)),
-            env=interop_env,
+            env=cli_env,
             stdin=f"{message}\n".encode(),
             until=message,
         )
@@ -339,12 +319,12 @@ async def test_interop_openssl_s_client_with_psk(
 
 
 async def test_interop_gnutls_cli_with_a_client_certificate(
-    echo_server: ServerProcess, dtls_pki: TestPKI, interop_env: dict[str, str]
+    echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
     message = "hello from gnutls-cli"
     run = await run_client(
         gnutls_cli(echo_server.port, dtls_pki),
-        env=interop_env,
+        env=cli_env,
         stdin=f"{message}\n".encode(),
         until=message,
     )
@@ -357,12 +337,12 @@ async def test_interop_gnutls_cli_with_a_client_certificate(
 
 
 async def test_interop_mbedtls_with_a_client_certificate(
-    echo_server: ServerProcess, dtls_pki: TestPKI, interop_env: dict[str, str]
+    echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
     messages = ["hello from mbed tls", "a second datagram", "x" * 1000]
     run = await run_client(
         mbedtls_client(echo_server.port, *mbedtls_certificate(dtls_pki), send=messages),
-        env=interop_env,
+        env=cli_env,
     )
     assert run.returncode == 0, run
     assert re.fullmatch(r"handshake TLS-ECDHE-ECDSA-\S+ DTLSVersion.DTLSv1_2", run.stdout[0]), run
@@ -370,13 +350,13 @@ async def test_interop_mbedtls_with_a_client_certificate(
 
 
 async def test_interop_mbedtls_with_psk(
-    echo_server: ServerProcess, dtls_pki: TestPKI, interop_env: dict[str, str]
+    echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
     key = dtls_pki.psk_identities["device-2"]
     messages = ["hello from mbed tls with a psk"]
     run = await run_client(
         mbedtls_client(echo_server.port, "--psk", f"device-2:{key.hex()}", send=messages),
-        env=interop_env,
+        env=cli_env,
     )
     assert run.returncode == 0, run
     assert run.stdout == ["handshake TLS-PSK-WITH-AES-128-GCM-SHA256 DTLSVersion.DTLSv1_2"] + [
@@ -403,9 +383,9 @@ def qt_example_client(port: int, pings: int) -> list[str]:
 
 
 async def test_interop_qt_secureudpclient_example_with_psk_gets_acks(
-    ack_server: ServerProcess, interop_env: dict[str, str]
+    ack_server: ServerProcess, cli_env: dict[str, str]
 ) -> None:
-    run = await run_client(qt_example_client(ack_server.port, pings=2), env=interop_env)
+    run = await run_client(qt_example_client(ack_server.port, pings=2), env=cli_env)
     assert run.returncode == 0, run
     local = re.fullmatch(r"local (127\.0\.0\.1:\d+)", run.stdout[0])
     assert local is not None, run
@@ -415,12 +395,12 @@ async def test_interop_qt_secureudpclient_example_with_psk_gets_acks(
 
 
 async def test_interop_qt_client_hello_changes_between_hellos_and_still_passes_the_cookie(
-    ack_server: ServerProcess, interop_env: dict[str, str], fault_relay: RelayFactory
+    ack_server: ServerProcess, cli_env: dict[str, str], fault_relay: RelayFactory
 ) -> None:
     """With the cookie, Qt's second ClientHello crosses 256 bytes and OpenSSL adds its
     padding extension: a cookie over the whole hello (bare trio) never matches."""
     relay = await fault_relay(("127.0.0.1", ack_server.port))
-    run = await run_client(qt_example_client(relay.address[1], pings=1), env=interop_env)
+    run = await run_client(qt_example_client(relay.address[1], pings=1), env=cli_env)
     assert run.returncode == 0, run
     assert re.fullmatch(r"reply .+", run.stdout[-1]), run
     passed = [event for event in relay.events if event.action == "pass"]
@@ -435,7 +415,7 @@ async def test_interop_qt_client_hello_changes_between_hellos_and_still_passes_t
 
 
 async def test_interop_qt_with_certificates_verifying_the_server(
-    echo_server: ServerProcess, dtls_pki: TestPKI, interop_env: dict[str, str]
+    echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
     files = dtls_pki.files
     messages = ["hello from qt", "second"]
@@ -450,7 +430,7 @@ async def test_interop_qt_with_certificates_verifying_the_server(
             str(files.client_key),
             send=messages,
         ),
-        env=interop_env,
+        env=cli_env,
     )
     assert run.returncode == 0, run
     assert re.fullmatch(r"handshake ECDHE-ECDSA-\S+ DtlsV1_2", run.stdout[1]), run
@@ -536,7 +516,7 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", REFUSALS.values(), ids=REFUSALS.keys())
 async def test_interop_refuses_bad_credentials_and_carries_on(
-    case: Refusal, echo_server: ServerProcess, dtls_pki: TestPKI, interop_env: dict[str, str]
+    case: Refusal, echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
     stdin = f"{MESSAGE}\n".encode()
     port = echo_server.port
@@ -544,7 +524,7 @@ async def test_interop_refuses_bad_credentials_and_carries_on(
     # killed once the server has given up on its handshake.
     bad = await run_client(
         case.bad(port, dtls_pki),
-        env=interop_env,
+        env=cli_env,
         stdin=stdin,
         timeout=TIMEOUT if case.alert else HANDSHAKE_TIMEOUT + 1,
     )
@@ -557,9 +537,7 @@ async def test_interop_refuses_bad_credentials_and_carries_on(
         stats = await wait_for_stat(echo_server, "handshake_timeouts", 1)
     assert stats["handshakes_completed"] == 0, stats
 
-    good = await run_client(
-        case.good(port, dtls_pki), env=interop_env, stdin=stdin, until=case.echo
-    )
+    good = await run_client(case.good(port, dtls_pki), env=cli_env, stdin=stdin, until=case.echo)
     assert case.echo in good.stdout, good
     assert echo_server.process.returncode is None
     await wait_for_stat(echo_server, "handshakes_completed", 1)
