@@ -613,3 +613,50 @@ async def test_closing_a_client_wakes_its_blocked_reader(
             await client.aclose()
             await wait_until(lambda: bool(outcome))
     assert isinstance(outcome[0], trio.ClosedResourceError)
+
+
+async def test_peer_closing_while_the_reply_is_on_its_way_is_not_a_handler_error(
+    dtls_server: ServerFactory, dtls_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    received = trio.Event()
+    peer_gone = trio.Event()
+
+    async def slow_echo(session: DTLSSession) -> None:
+        async for datagram in session:
+            received.set()
+            await peer_gone.wait()
+            await session.send(datagram)  # raises SessionClosed: the peer left
+
+    server = await dtls_server(slow_echo)
+    client = await dtls_client(server)
+    await client.send(b"reply to this")
+    await received.wait()
+    await client.aclose()
+    await wait_for_stats(server, sessions_active=0)
+    peer_gone.set()
+    stats = await wait_for_stats(server, sessions_closed=1)
+    assert stats.handler_errors == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_another_sessions_end_escaping_a_handler_is_a_handler_error(
+    dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    sessions: list[DTLSSession] = []
+
+    async def relay_to_first(session: DTLSSession) -> None:
+        sessions.append(session)
+        async for datagram in session:
+            await sessions[0].send(datagram)  # the first session may be gone
+
+    server = await dtls_server(relay_to_first)
+    first = await dtls_client(server)
+    await exchange(first, b"hello")
+    second = await dtls_client(server)
+    await first.aclose()
+    await wait_for_stats(server, sessions_active=1)
+    await second.send(b"to a closed session")
+    await wait_for_stats(server, handler_errors=1)
+    assert server.stats().sessions_closed == 2  # the server itself carries on
+    third = await dtls_client(server)
+    await third.send(b"x")

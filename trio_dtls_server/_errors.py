@@ -27,8 +27,14 @@ class HandshakeTimeout(HandshakeError, trio.TooSlowError):
 
 
 class SessionClosed(DTLSError, trio.BrokenResourceError):
-    """The session has ended (``reason`` says why), so nothing more can be sent."""
+    """The session has ended (``reason`` says why), so nothing more can be sent.
 
-    def __init__(self, reason: str) -> None:
+    A handler that lets this escape for its own session (the peer closed while
+    a reply was on its way, say) ends normally: it is not a handler error.
+    """
+
+    def __init__(self, reason: str, session: object = None) -> None:
         super().__init__(f"the session has ended: {reason}")
         self.reason = reason
+        #: The session that had ended.
+        self.session = session

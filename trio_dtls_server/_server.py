@@ -25,7 +25,7 @@ import trio
 from OpenSSL import SSL
 
 from ._config import DTLSServerConfig, TLSContext
-from ._errors import HandshakeError
+from ._errors import HandshakeError, SessionClosed
 from ._records import (
     RECORD_HEADER_SIZE,
     BadRecord,
@@ -436,15 +436,26 @@ class DTLSServer:
                 )
                 try:
                     await self._handler(session)
-                except Exception:
-                    counters["handler_errors"] += 1
-                    reason = CloseReason.HANDLER_ERROR
-                    logger.exception(
-                        "handler error in session %s from %s",
-                        session.session_id,
-                        session.peer,
-                        extra={"session_id": session.session_id, "peer": session.peer},
-                    )
+                except Exception as exc:
+                    if isinstance(exc, SessionClosed) and exc.session is session:
+                        # The peer ended it while the handler was still sending:
+                        # a race UDP makes normal, not a handler error.
+                        logger.debug(
+                            "session %s from %s: handler stopped on %s",
+                            session.session_id,
+                            session.peer,
+                            exc,
+                            extra={"session_id": session.session_id, "peer": session.peer},
+                        )
+                    else:
+                        counters["handler_errors"] += 1
+                        reason = CloseReason.HANDLER_ERROR
+                        logger.exception(
+                            "handler error in session %s from %s",
+                            session.session_id,
+                            session.peer,
+                            extra={"session_id": session.session_id, "peer": session.peer},
+                        )
         finally:
             was_established = session.established_at is not None
             session._finish(reason)

@@ -298,7 +298,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
             await trio.lowlevel.checkpoint()
             if self.close_reason is CloseReason.LOCAL_CLOSE:
                 raise trio.ClosedResourceError("this session was closed")
-            raise SessionClosed((self.close_reason or CloseReason.HANDSHAKE_FAILED).value)
+            raise SessionClosed((self.close_reason or CloseReason.HANDSHAKE_FAILED).value, self)
         size = len(value)
         if not size:
             raise ValueError("DTLS cannot send an empty datagram")
@@ -308,7 +308,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
             record = _encrypt(self._conn, value)
         except SSL.Error as exc:
             self._protocol_error(exc)
-            raise SessionClosed(CloseReason.PROTOCOL_ERROR.value) from None
+            raise SessionClosed(CloseReason.PROTOCOL_ERROR.value, self) from None
         self.datagrams_out += 1
         self.bytes_out += size
         await self._owner.send(record, self.peer_address)
