@@ -48,7 +48,7 @@ class _ClientOwner:
         if self._reading:
             # trio lets one task at a time wait on a socket: the others wait
             # for the reader to hand over what it read.
-            await session._lot.park()
+            await session._park()
             return
         self._reading = True
         try:
@@ -74,7 +74,7 @@ class _ClientOwner:
                 session._on_datagram(datagram)
         finally:
             self._reading = False
-            session._lot.unpark_all()
+            session._wake_all()
             if self._closed:
                 self._close_socket()
 

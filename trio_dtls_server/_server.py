@@ -391,8 +391,8 @@ class DTLSServer:
         await self._sender.send(datagram, address)
 
     async def wait_for_input(self, session: DTLSSession) -> None:
-        # The receive loop feeds sessions and unparks them.
-        await session._lot.park()
+        # The receive loop feeds sessions and wakes them.
+        await session._park()
 
     def session_established(self, session: DTLSSession) -> None:
         self._lru[session.peer_address] = session

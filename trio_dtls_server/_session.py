@@ -133,6 +133,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         "_mtu",
         "_owner",
         "_state",
+        "_waiter",
         "bytes_in",
         "bytes_out",
         "client_random",
@@ -165,6 +166,8 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._owner = owner
         self._max_queued = max_queued
         self._inbox: deque[bytes] = deque()
+        # One task waiting for news (the usual case), and a lot for any others.
+        self._waiter: trio.lowlevel.Task | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._state = _State.HANDSHAKING
         self._handshake_error: HandshakeError | None = None
@@ -355,8 +358,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
             self.datagrams_dropped += 1
             return
         self._inbox.append(data)
-        if self._lot:
-            self._lot.unpark()
+        self._wake_one()
 
     def _read_all(self) -> None:
         conn = self._conn
@@ -393,7 +395,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._state = _State.ESTABLISHED
         self.established_at = self._last_activity = trio.current_time()
         self._owner.session_established(self)
-        self._lot.unpark_all()
+        self._wake_all()
         # The datagram that finished the handshake may carry application data too.
         self._read_all()
 
@@ -452,7 +454,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._state = _State.CLOSED
         if self.close_reason is None:
             self.close_reason = reason
-        self._lot.unpark_all()
+        self._wake_all()
         self._owner.session_ended(self)
 
     def _end_by_owner(self, reason: CloseReason, *, grace: float, notify: bool = True) -> None:
@@ -472,7 +474,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._state = _State.ENDING
         self.close_reason = reason
         self._close_notify_due = notify
-        self._lot.unpark_all()
+        self._wake_all()
         self.scope.deadline = min(self.scope.deadline, trio.current_time() + grace)
         self._owner.session_ended(self)
 
@@ -494,6 +496,40 @@ class DTLSSession(trio.abc.Channel[bytes]):
 
     async def _wait_for_input(self) -> None:
         await self._owner.wait_for_input(self)
+
+    async def _park(self) -> None:
+        """Wait until the session has news (see ``_wake_one``/``_wake_all``).
+
+        A single waiter takes a slot, which costs less than a ParkingLot on the
+        per-datagram path; further waiters queue on the lot.
+        """
+        if self._waiter is not None:
+            await self._lot.park()
+            return
+        task = trio.lowlevel.current_task()
+        self._waiter = task
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            if self._waiter is task:
+                self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _wake_one(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+        elif self._lot:
+            self._lot.unpark()
+
+    def _wake_all(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+        self._lot.unpark_all()
 
     async def _await_handshake(self) -> None:
         """Wait until the handshake is done, retransmitting on OpenSSL's timer.
