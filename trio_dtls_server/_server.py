@@ -96,6 +96,11 @@ _COUNTERS = tuple(
     for f in dataclasses.fields(ServerStats)
     if f.name not in ("sessions_active", "handshakes_active", "send_failures")
 )
+#: How a handshake that never completed is counted, by the reason its session ended.
+_HANDSHAKE_OUTCOMES = {
+    CloseReason.HANDSHAKE_FAILED: "handshakes_failed",
+    CloseReason.HANDSHAKE_TIMEOUT: "handshake_timeouts",
+}
 _PER_SESSION = ("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "datagrams_dropped")
 
 
@@ -396,13 +401,18 @@ class DTLSServer:
 
     def session_established(self, session: DTLSSession) -> None:
         self._lru[session.peer_address] = session
-        self._counters["handshakes_completed"] += 1
+        self._count_handshake_end(session, "handshakes_completed")
 
     def session_active(self, session: DTLSSession) -> None:
         self._lru.move_to_end(session.peer_address)
 
     def session_ended(self, session: DTLSSession) -> None:
         """Take a session that stopped receiving out of every table."""
+        if session.established_at is None:
+            # Counted now rather than when its task runs, so that the counters
+            # agree with the table at every moment.
+            outcome = _HANDSHAKE_OUTCOMES.get(session.close_reason, "handshakes_aborted")
+            self._count_handshake_end(session, outcome)
         address = session.peer_address
         if self._by_address.get(address) is not session:
             return
@@ -416,13 +426,18 @@ class DTLSServer:
             if not mine:
                 del self._by_ip[ip]
 
+    def _count_handshake_end(self, session: DTLSSession, outcome: str) -> None:
+        """Count how ``session``'s handshake ended: exactly once per handshake."""
+        if not session._handshake_counted:
+            session._handshake_counted = True
+            self._counters[outcome] += 1
+
     async def _run_session(self, session: DTLSSession) -> None:
         counters = self._counters
         reason = CloseReason.HANDLER_RETURNED
-        handshake_counted = False
         try:
             with session.scope:
-                handshake_counted = await self._handshake(session)
+                await self._handshake(session)
                 if session.established_at is None:
                     return
                 logger.info(
@@ -464,23 +479,26 @@ class DTLSServer:
                 for name in _PER_SESSION:
                     counters[name] += getattr(session, name)
                 self._log_end(session)
-            elif not handshake_counted:
-                # Cancelled mid-handshake: replaced, or the server shut down.
-                counters["handshakes_aborted"] += 1
+            # Cancelled mid-handshake (replaced, or the server shut down); a no-op
+            # if the handshake's end was already counted.
+            self._count_handshake_end(session, "handshakes_aborted")
             self._running.discard(session)
             if not self._running:
                 self._tasks_done.set()
 
-    async def _handshake(self, session: DTLSSession) -> bool:
-        """Wait for the handshake; count how it ended unless it succeeded or was
-        cancelled. Returns whether it was counted (success counts itself)."""
-        counters = self._counters
-        with trio.move_on_after(self.config.handshake_timeout) as deadline:
+    async def _handshake(self, session: DTLSSession) -> None:
+        """Wait for the handshake to end and count how, unless it was cancelled.
+
+        Completion is counted when it happens (``session_established``), so a
+        handshake that completes in the same instant as its deadline, or ends
+        again before this task runs, is still one completed handshake.
+        """
+        with trio.move_on_after(self.config.handshake_timeout):
             try:
                 await session._await_handshake()
             except HandshakeError as exc:
                 if session.close_reason is CloseReason.HANDSHAKE_FAILED:
-                    counters["handshakes_failed"] += 1
+                    self._count_handshake_end(session, "handshakes_failed")
                     logger.info(
                         "handshake from %s failed: %s",
                         session.peer,
@@ -488,10 +506,10 @@ class DTLSServer:
                         extra={"session_id": session.session_id, "peer": session.peer},
                     )
                 else:
-                    counters["handshakes_aborted"] += 1
-            return True
-        if deadline.cancelled_caught:
-            counters["handshake_timeouts"] += 1
+                    self._count_handshake_end(session, "handshakes_aborted")
+            return
+        if session.established_at is None:
+            self._count_handshake_end(session, "handshake_timeouts")
             session._end(CloseReason.HANDSHAKE_TIMEOUT)
             logger.info(
                 "handshake from %s timed out after %.1f s",
@@ -499,8 +517,6 @@ class DTLSServer:
                 self.config.handshake_timeout,
                 extra={"session_id": session.session_id, "peer": session.peer},
             )
-            return True
-        return False  # pragma: no cover - move_on_after either returns or catches
 
     def _log_end(self, session: DTLSSession) -> None:
         assert session.established_at is not None

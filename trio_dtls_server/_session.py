@@ -125,6 +125,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         "_close_notify_due",
         "_close_notify_sent",
         "_conn",
+        "_handshake_counted",
         "_handshake_error",
         "_inbox",
         "_last_activity",
@@ -171,6 +172,8 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._lot = trio.lowlevel.ParkingLot()
         self._state = _State.HANDSHAKING
         self._handshake_error: HandshakeError | None = None
+        # Whether the owner has counted how the handshake ended (it does so once).
+        self._handshake_counted = False
         self._close_notify_due = False
         self._close_notify_sent = False
         self._last_activity = trio.current_time()
@@ -534,7 +537,10 @@ class DTLSSession(trio.abc.Channel[bytes]):
     async def _await_handshake(self) -> None:
         """Wait until the handshake is done, retransmitting on OpenSSL's timer.
 
-        Raises :class:`HandshakeError` if it fails. Bound it with a cancel scope.
+        Returns once the handshake has completed, even if the session has
+        already ended again (a peer can finish the handshake, send data and
+        close_notify in one datagram); raises :class:`HandshakeError` if it never
+        completed. Bound it with a cancel scope.
         """
         while self._state is _State.HANDSHAKING:
             timeout = self._conn.DTLSv1_get_timeout()
@@ -542,8 +548,9 @@ class DTLSSession(trio.abc.Channel[bytes]):
                 await self._wait_for_input()
             if timer.cancelled_caught:
                 self._on_timer()
+        if self.established_at is not None:
+            return
         if self._handshake_error is not None:
             raise self._handshake_error
-        if self._state is not _State.ESTABLISHED:
-            reason = self.close_reason.value if self.close_reason else "ended"
-            raise HandshakeError(f"handshake abandoned: {reason}")
+        reason = self.close_reason.value if self.close_reason else "ended"
+        raise HandshakeError(f"handshake abandoned: {reason}")
