@@ -97,7 +97,7 @@ _COUNTERS = tuple(
     if f.name not in ("sessions_active", "handshakes_active", "send_failures")
 )
 #: How a handshake that never completed is counted, by the reason its session ended.
-_HANDSHAKE_OUTCOMES = {
+_HANDSHAKE_OUTCOMES: dict[CloseReason | None, str] = {
     CloseReason.HANDSHAKE_FAILED: "handshakes_failed",
     CloseReason.HANDSHAKE_TIMEOUT: "handshake_timeouts",
 }
