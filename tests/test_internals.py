@@ -22,3 +22,13 @@ def test_a_moved_internal_fails_loudly_naming_it(monkeypatch: pytest.MonkeyPatch
 def test_reverse_mapping_finds_the_connection() -> None:
     conn = SSL.Connection(SSL.Context(SSL.DTLS_METHOD), None)
     assert _internals._connection_for(conn._ssl) is conn
+
+
+def test_fast_path_is_used_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIO_DTLS_SERVER_FAST_PATH", raising=False)
+    decrypt, encrypt, fast = _internals.record_functions()
+    assert fast and decrypt is _internals._fast_decrypt
+    monkeypatch.setenv("TRIO_DTLS_SERVER_FAST_PATH", "0")
+    decrypt, encrypt, fast = _internals.record_functions()
+    assert not fast and decrypt is _internals._public_decrypt
+    assert encrypt is _internals._public_encrypt
