@@ -56,7 +56,7 @@ with atheris.instrument_imports(include=["trio_dtls_server"]):
     from trio_dtls_server import DTLSServer, serve_dtls
     from trio_dtls_server._records import BadRecord, parse_client_hello
     from trio_dtls_server._session import DTLSSession
-    from trio_dtls_server.testing import TestPKI, echo_handler
+    from trio_dtls_server.testing import TestPKI, echo_handler, splice_cookie
 
 #: Record header (13) + handshake header (12) + client_version (2) + random (32).
 _SESSION_ID_AT = 13 + 12 + 2 + 32
@@ -66,26 +66,6 @@ _MODES = 9
 _MODE_DRAWS = (0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6, 6, 8, 7)
 #: A payload that makes the injected bug fire (see FUZZ_DATAGRAMS_INJECT_BUG below).
 INJECTED_BUG_MARKER = b"INJECTED-BUG"
-
-
-def splice_cookie(datagram: bytes, cookie: bytes) -> bytes | None:
-    """``datagram`` with its ClientHello's cookie replaced, lengths adjusted; None if
-    ``datagram`` is not a ClientHello our parser accepts."""
-    try:
-        parse_client_hello(datagram)
-    except BadRecord:
-        return None
-    cookie_at = _SESSION_ID_AT + 1 + datagram[_SESSION_ID_AT]
-    old = datagram[cookie_at]
-    delta = len(cookie) - old
-    out = bytearray(datagram[:cookie_at])
-    out += bytes((len(cookie),)) + cookie + datagram[cookie_at + 1 + old :]
-    for start, size in ((11, 2), (14, 3), (22, 3)):  # record, message and fragment lengths
-        value = int.from_bytes(out[start : start + size], "big") + delta
-        if not 0 <= value < 1 << (8 * size):
-            return None
-        out[start : start + size] = value.to_bytes(size, "big")
-    return bytes(out)
 
 
 def _bio_drain(conn: SSL.Connection) -> bytes:

@@ -48,10 +48,12 @@ from trio_dtls_server.testing import (
     RawHandshake,
     TestPKI,
     abandon,
+    cookie_of,
     echo_handler,
     exchange,
     local_address,
     send_raw,
+    splice_cookie,
     wait_for_stats,
     wait_until,
 )
@@ -105,31 +107,6 @@ def parses(datagram: bytes) -> bool:
     except BadRecord:
         return False
     return True
-
-
-def splice_cookie(datagram: bytes, cookie: bytes) -> bytes | None:
-    """``datagram`` (a ClientHello our parser accepts) with ``cookie`` in it, lengths fixed."""
-    if not parses(datagram):
-        return None
-    cookie_at = _SESSION_ID_AT + 1 + datagram[_SESSION_ID_AT]
-    old = datagram[cookie_at]
-    delta = len(cookie) - old
-    out = bytearray(datagram[:cookie_at])
-    out += bytes((len(cookie),)) + cookie + datagram[cookie_at + 1 + old :]
-    for start, size in ((11, 2), (14, 3), (22, 3)):  # record, message and fragment lengths
-        value = int.from_bytes(out[start : start + size], "big") + delta
-        if not 0 <= value < 1 << (8 * size):
-            return None
-        out[start : start + size] = value.to_bytes(size, "big")
-    return bytes(out)
-
-
-def cookie_of(hello_verify_request: bytes) -> bytes | None:
-    """The cookie in a HelloVerifyRequest datagram, or None if it is not one."""
-    if len(hello_verify_request) < 28 or hello_verify_request[13] != 3:
-        return None
-    length = hello_verify_request[27]
-    return hello_verify_request[28 : 28 + length]
 
 
 def record(

@@ -22,6 +22,7 @@ from OpenSSL import SSL
 
 from .._certs import CertificateFiles, generate_pki
 from .._config import DTLSClientConfig, DTLSServerConfig
+from .._records import BadRecord, parse_client_hello
 from .._server import DTLSServer, ServerStats
 from .._session import CloseReason, DTLSSession
 from ..apps.echo import echo as echo_handler
@@ -30,10 +31,12 @@ __all__ = [
     "RawHandshake",
     "TestPKI",
     "abandon",
+    "cookie_of",
     "echo_handler",
     "exchange",
     "local_address",
     "send_raw",
+    "splice_cookie",
     "wait_for_stats",
     "wait_until",
 ]
@@ -173,6 +176,43 @@ def abandon(session: DTLSSession) -> None:
 def send_raw(session: DTLSSession, datagram: bytes) -> None:
     """Send ``datagram`` as is from a client session's own address (for hostile-input tests)."""
     session._owner._sock.send(datagram)  # type: ignore[attr-defined]
+
+
+#: Where a ClientHello's session_id length sits: record header (13), handshake
+#: header (12), client_version (2), random (32).
+CLIENT_HELLO_SESSION_ID_AT = 13 + 12 + 2 + 32
+
+
+def splice_cookie(datagram: bytes, cookie: bytes) -> bytes | None:
+    """``datagram`` (a ClientHello) with ``cookie`` in place of its own, lengths fixed.
+
+    None if ``datagram`` is not a ClientHello the server's parser accepts. With the
+    cookie from the server's HelloVerifyRequest (:func:`cookie_of`), any mutated
+    ClientHello gets past the stateless cookie check into OpenSSL.
+    """
+    try:
+        parse_client_hello(datagram)
+    except BadRecord:
+        return None
+    cookie_at = CLIENT_HELLO_SESSION_ID_AT + 1 + datagram[CLIENT_HELLO_SESSION_ID_AT]
+    old = datagram[cookie_at]
+    delta = len(cookie) - old
+    out = bytearray(datagram[:cookie_at])
+    out += bytes((len(cookie),)) + cookie + datagram[cookie_at + 1 + old :]
+    for start, size in ((11, 2), (14, 3), (22, 3)):  # record, message and fragment lengths
+        value = int.from_bytes(out[start : start + size], "big") + delta
+        if not 0 <= value < 1 << (8 * size):
+            return None
+        out[start : start + size] = value.to_bytes(size, "big")
+    return bytes(out)
+
+
+def cookie_of(hello_verify_request: bytes) -> bytes | None:
+    """The cookie in a HelloVerifyRequest datagram, or None if it is not one."""
+    if len(hello_verify_request) < 28 or hello_verify_request[13] != 3:
+        return None
+    length = hello_verify_request[27]
+    return hello_verify_request[28 : 28 + length]
 
 
 class RawHandshake:
