@@ -5,18 +5,26 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+# The library alone: all the demo needs.
+$(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+# With the test extras: pytest, the interop clients, the fuzzer, mypy, ruff.
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-install: $(BIN)/.installed
+install: $(VENV)/.installed-test
 
 # The chat server on embedded defaults with three scripted clients on loopback.
-demo: $(BIN)/.installed
+demo: $(VENV)/.installed-base
 	$(BIN)/python examples/demo.py
 
-lint: $(BIN)/.installed
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
