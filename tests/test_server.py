@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -556,7 +557,7 @@ async def test_session_resumption_abbreviates_the_handshake(
     dtls_pki: TestPKI, dtls_server: ServerFactory
 ) -> None:
     recorder = Recorder()
-    server = await dtls_server(recorder)
+    server = await dtls_server(recorder, config=dtls_pki.server_config(psk=False))
     config = dtls_pki.client_config()
     first = await connect_dtls(*server.address, config)
     assert await exchange(first, b"full") == b"full"
@@ -660,3 +661,97 @@ async def test_another_sessions_end_escaping_a_handler_is_a_handler_error(
     assert server.stats().sessions_closed == 2  # the server itself carries on
     third = await dtls_client(server)
     await third.send(b"x")
+
+
+async def test_handler_raising_an_exception_group_while_cancelled_does_not_stop_the_server(
+    dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    # A handler's nursery cancelled by the grace can raise a group that mixes
+    # Cancelled with the handler's own error; it must end only that session.
+    async def messy(session: DTLSSession) -> None:
+        async def fails_on_cleanup() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise ValueError("cleanup failed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fails_on_cleanup)
+            await session.send(await session.receive())
+            await trio.sleep_forever()  # cancelled with the child: Cancelled + ValueError
+
+    server = await dtls_server(messy, idle_timeout=0.3, shutdown_grace=0.2)
+    first = await dtls_client(server)
+    assert await exchange(first, b"x") == b"x"
+    await wait_for_stats(server, sessions_idle_timeout=1, handler_errors=1, sessions_closed=1)
+    second = await dtls_client(server)  # the server is still serving
+    assert await exchange(second, b"y") == b"y"
+
+
+async def test_a_handler_that_lingers_after_its_peer_closed_is_cancelled_after_the_grace(
+    dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    cancelled = trio.Event()
+
+    async def lingering(session: DTLSSession) -> None:
+        async for datagram in session:
+            await session.send(datagram)
+        try:
+            await trio.sleep_forever()  # slow cleanup that never ends
+        finally:
+            cancelled.set()
+
+    server = await dtls_server(lingering, shutdown_grace=0.3)
+    client = await dtls_client(server)
+    assert await exchange(client, b"x") == b"x"
+    await client.aclose()
+    with trio.fail_after(2):
+        await cancelled.wait()
+    await wait_until(lambda: not server._running)
+
+
+async def test_psk_sessions_do_not_resume_so_they_always_know_their_identity(
+    dtls_pki: TestPKI, dtls_server: ServerFactory
+) -> None:
+    recorder = Recorder()
+    server = await dtls_server(recorder)
+    config = dtls_pki.psk_client_config("device-2")
+    first = await connect_dtls(*server.address, config)
+    ticket = first.tls_session
+    await first.aclose()
+    again = await connect_dtls(*server.address, config, session=ticket)
+    try:
+        assert not again.session_reused
+        assert await exchange(again, b"who") == b"who"
+        assert [s.psk_identity for s in recorder.sessions] == ["device-2", "device-2"]
+    finally:
+        await again.aclose()
+
+
+async def test_send_takes_any_bytes_like_object_by_its_bytes(
+    dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    server = await dtls_server()
+    client = await dtls_client(server)
+    words = array.array("I", [0x41424344] * 4)  # 16 bytes in 4 items
+    await client.send(memoryview(words))
+    with trio.fail_after(5):
+        assert await client.receive() == words.tobytes()
+    await client.send(bytearray(b"mutable"))
+    with trio.fail_after(5):
+        assert await client.receive() == b"mutable"
+
+
+async def test_after_aclose_receive_and_send_raise_closed_resource_error(
+    dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    server = await dtls_server()
+    client = await dtls_client(server)
+    await client.send(b"queued")
+    await wait_for_stats(server, datagrams_out=1)
+    await trio.sleep(0.05)  # the echo reaches the client's socket
+    await client.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await client.receive()  # the queued echo is dropped, not returned
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send(b"more")

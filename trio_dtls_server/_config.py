@@ -365,7 +365,12 @@ class DTLSServerConfig(_Credentials):
     fragmented to fit. None: 1472 on IPv4, 1452 on IPv6 (a 1500-byte Ethernet MTU)."""
 
     session_tickets: bool = True
-    """Issue session tickets, so returning clients can resume with an abbreviated handshake."""
+    """Issue session tickets, so returning clients can resume with an abbreviated handshake.
+    Not with PSK identities configured: OpenSSL does not call the PSK callback when a
+    session resumes, and neither pyOpenSSL nor cryptography's bindings can read the PSK
+    identity back, so a resumed PSK session would not know who its peer is (and a
+    removed identity would keep working until its ticket expired). PSK handshakes are
+    cheap: no certificates, no signatures."""
 
     keylog_file: str | os.PathLike[str] | None = None
     """Append every session's secrets here in NSS key log format, so Wireshark can
@@ -438,7 +443,7 @@ class DTLSServerConfig(_Credentials):
                 ctx.add_client_ca(ca)
         else:
             ctx.set_verify(SSL.VERIFY_NONE)
-        if self.session_tickets:
+        if self.session_tickets and not self.uses_psk:
             # OpenSSL refuses to resume (internal_error) when it verifies peers
             # and no session id context is set. Tickets are encrypted under a
             # key of this context, so another server cannot resume ours anyway.

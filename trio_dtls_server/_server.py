@@ -366,6 +366,7 @@ class DTLSServer:
             session_id=self._next_id,
             mtu=self._mtu,
             max_queued=self.config.max_queued_datagrams,
+            grace=self.config.shutdown_grace,
         )
         self._next_id += 1
         session.client_random = random
@@ -451,24 +452,18 @@ class DTLSServer:
                 )
                 try:
                     await self._handler(session)
-                except Exception as exc:
-                    if isinstance(exc, SessionClosed) and exc.session is session:
-                        # The peer ended it while the handler was still sending:
-                        # a race UDP makes normal, not a handler error.
-                        logger.debug(
-                            "session %s from %s: handler stopped on %s",
-                            session.session_id,
-                            session.peer,
-                            exc,
-                            extra={"session_id": session.session_id, "peer": session.peer},
-                        )
-                    else:
+                except BaseException as exc:
+                    failure = _handler_failure(exc, session)
+                    if failure is None:
+                        raise  # cancellation, or KeyboardInterrupt: not the handler's fault
+                    if failure is not _NORMAL_END:
                         counters["handler_errors"] += 1
                         reason = CloseReason.HANDLER_ERROR
-                        logger.exception(
+                        logger.error(
                             "handler error in session %s from %s",
                             session.session_id,
                             session.peer,
+                            exc_info=failure,
                             extra={"session_id": session.session_id, "peer": session.peer},
                         )
         finally:
@@ -557,6 +552,42 @@ class DTLSServer:
                 await trio.sleep_until(next(iter(lru.values()))._last_activity + idle)
             else:
                 await trio.sleep(idle)
+
+
+#: What _handler_failure returns for a handler that stopped on its own session's end.
+_NORMAL_END = SessionClosed("ended")
+
+
+def _handler_failure(exc: BaseException, session: DTLSSession) -> BaseException | None:
+    """The part of what a handler raised that is its own failure.
+
+    None when there is nothing to report but cancellation (or KeyboardInterrupt
+    and the like, which must reach the top): the caller re-raises then.
+    ``_NORMAL_END`` when all it raised was its own session's end (the peer left
+    while a reply was on its way: a race UDP makes normal, not an error).
+    Cancelled parts of an exception group are dropped: the session's own scope
+    was cancelled (its grace ran out) and the task ends anyway; a handler's
+    nursery can raise such a mixed group, and letting it escape would take the
+    whole server down.
+    """
+    failure: BaseException | None
+    if isinstance(exc, BaseExceptionGroup):
+        _, failure = exc.split(trio.Cancelled)
+    elif isinstance(exc, trio.Cancelled):
+        failure = None
+    else:
+        failure = exc
+    if failure is None or not isinstance(failure, Exception):
+        return None
+
+    def own_end(e: BaseException) -> bool:
+        return isinstance(e, SessionClosed) and e.session is session
+
+    if own_end(failure) or (
+        isinstance(failure, ExceptionGroup) and failure.split(own_end)[1] is None
+    ):
+        return _NORMAL_END
+    return failure
 
 
 def _describe_identity(session: DTLSSession) -> str:

@@ -124,7 +124,9 @@ class DTLSSession(trio.abc.Channel[bytes]):
     __slots__ = (
         "_close_notify_due",
         "_close_notify_sent",
+        "_closed_here",
         "_conn",
+        "_grace",
         "_handshake_counted",
         "_handshake_error",
         "_inbox",
@@ -159,6 +161,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         session_id: int,
         mtu: int,
         max_queued: int,
+        grace: float = math.inf,
     ) -> None:
         self._conn = conn
         conn.set_app_data(self)
@@ -176,6 +179,10 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._handshake_counted = False
         self._close_notify_due = False
         self._close_notify_sent = False
+        # aclose() was called: this side is closed, whatever ended the session.
+        self._closed_here = False
+        # Seconds the task serving this session gets once the session has ended.
+        self._grace = grace
         self._last_activity = trio.current_time()
         #: Cancel scope the owner runs this session's task in.
         self.scope = trio.CancelScope()
@@ -284,16 +291,18 @@ class DTLSSession(trio.abc.Channel[bytes]):
         yields, so at most ``max_queued_datagrams`` receives in a row skip it.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed_here:
+            raise trio.ClosedResourceError("this session was closed")
         inbox = self._inbox
         while not inbox:
             if self._state is not _State.ESTABLISHED:
-                if self.close_reason is CloseReason.LOCAL_CLOSE:
+                if self._closed_here:
                     raise trio.ClosedResourceError("this session was closed")
                 raise trio.EndOfChannel
             await self._wait_for_input()
         return inbox.popleft()
 
-    async def send(self, value: bytes) -> None:
+    async def send(self, value: bytes | bytearray | memoryview) -> None:
         """Send one datagram of at most 16 KiB to the peer, encrypted.
 
         Waits only if the kernel's send buffer is full. A send the kernel takes
@@ -302,9 +311,12 @@ class DTLSSession(trio.abc.Channel[bytes]):
         """
         if self._state is not _State.ESTABLISHED and self._state is not _State.ENDING:
             await trio.lowlevel.checkpoint()
-            if self.close_reason is CloseReason.LOCAL_CLOSE:
+            if self._closed_here:
                 raise trio.ClosedResourceError("this session was closed")
             raise SessionClosed((self.close_reason or CloseReason.HANDSHAKE_FAILED).value, self)
+        if type(value) is not bytes:
+            # Any bytes-like object; len() of a memoryview counts items, not bytes.
+            value = bytes(memoryview(value))
         size = len(value)
         if not size:
             raise ValueError("DTLS cannot send an empty datagram")
@@ -320,12 +332,16 @@ class DTLSSession(trio.abc.Channel[bytes]):
         await self._owner.send(record, self.peer_address)
 
     async def aclose(self) -> None:
-        """Send close_notify (if the session is live) and close this side."""
+        """Send close_notify (if the session is live) and close this side.
+
+        Afterwards ``receive()`` and ``send()`` raise ``trio.ClosedResourceError``;
+        datagrams still queued are dropped.
+        """
+        self._closed_here = True
+        self._inbox.clear()
         if self._state is not _State.CLOSED:
             self._send_close_notify()
             self._end(CloseReason.LOCAL_CLOSE)
-        elif self.close_reason is None:  # pragma: no cover - defensive
-            self.close_reason = CloseReason.LOCAL_CLOSE
         await trio.lowlevel.checkpoint()
 
     # -- driven by the owner of the socket (synchronous) -----------------------
@@ -339,7 +355,10 @@ class DTLSSession(trio.abc.Channel[bytes]):
                 try:
                     data = _decrypt(self._conn, datagram)
                 except SSL.WantReadError:
-                    return  # a replay, or a record that failed to authenticate
+                    # A replay, or a record that failed to authenticate; OpenSSL
+                    # writes nothing for those, but keep the BIO empty regardless.
+                    self._flush()
+                    return
                 except SSL.Error:
                     self._read_all()
                     return
@@ -457,6 +476,8 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._state = _State.CLOSED
         if self.close_reason is None:
             self.close_reason = reason
+        # The task serving the session gets its grace, then is cancelled.
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + self._grace)
         self._wake_all()
         self._owner.session_ended(self)
 

@@ -9,7 +9,6 @@ already numeric, so nothing is resolved per datagram.
 
 from __future__ import annotations
 
-import errno
 import socket
 from typing import Any
 
@@ -21,21 +20,6 @@ MAX_DATAGRAM = 65535
 RECEIVE_BATCH = 64
 #: Sends that complete at once between two yields to the scheduler.
 SENDS_PER_YIELD = 16
-
-#: Errors a send can meet that concern one peer or one datagram, not the socket.
-TRANSIENT_SEND_ERRORS = frozenset(
-    {
-        errno.EAGAIN,
-        errno.ECONNREFUSED,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.EMSGSIZE,
-        errno.ENOBUFS,
-        errno.EPERM,
-        errno.EACCES,
-        errno.EADDRNOTAVAIL,
-    }
-)
 
 
 async def bind_udp(
@@ -89,9 +73,9 @@ class UDPSender:
                 self._sock.send(datagram)
             else:
                 self._sock.sendto(datagram, address)
-        except OSError as exc:
-            if exc.errno not in TRANSIENT_SEND_ERRORS and exc.errno != errno.EBADF:
-                raise
+        except OSError:
+            # Whatever the errno, it concerns this datagram (or a socket being
+            # closed): raising here would end whichever task happened to flush.
             self.send_failures += 1
             return False
         return True
