@@ -56,7 +56,7 @@ with atheris.instrument_imports(include=["trio_dtls_server"]):
     from trio_dtls_server import DTLSServer, serve_dtls
     from trio_dtls_server._records import BadRecord, parse_client_hello
     from trio_dtls_server._session import DTLSSession
-    from trio_dtls_server.testing import TestPKI, echo_handler, splice_cookie
+    from trio_dtls_server.testing import TestPKI, drain_bio, echo_handler, splice_cookie
 
 #: Record header (13) + handshake header (12) + client_version (2) + random (32).
 _SESSION_ID_AT = 13 + 12 + 2 + 32
@@ -66,15 +66,6 @@ _MODES = 9
 _MODE_DRAWS = (0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6, 6, 8, 7)
 #: A payload that makes the injected bug fire (see FUZZ_DATAGRAMS_INJECT_BUG below).
 INJECTED_BUG_MARKER = b"INJECTED-BUG"
-
-
-def _bio_drain(conn: SSL.Connection) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunks.append(conn.bio_read(65535))
-        except SSL.WantReadError:
-            return b"".join(chunks)
 
 
 def _socket_drain(sock: socket.socket) -> list[bytes]:
@@ -203,7 +194,7 @@ class Harness:
                     return  # DTLS has no empty application datagram
                 assert peer.conn is not None
                 peer.conn.write(datagram[:16384])
-                datagram = _bio_drain(peer.conn)
+                datagram = drain_bio(peer.conn)
             elif mode == 7:
                 datagram = self._with_valid_cookie(datagram, address)
         server._dispatch(datagram, address)
@@ -280,7 +271,7 @@ class Harness:
                 done = True
             except SSL.WantReadError:
                 done = False
-            outgoing = _bio_drain(conn)
+            outgoing = drain_bio(conn)
             if outgoing:
                 server._dispatch(outgoing, peer.address)
             session = server._by_address.get(peer.address)
@@ -302,7 +293,7 @@ class Harness:
         conn.set_ciphertext_mtu(1400)
         with contextlib.suppress(SSL.WantReadError):
             conn.do_handshake()
-        return _bio_drain(conn)
+        return drain_bio(conn)
 
     def _report(self, server: DTLSServer) -> None:
         """A progress line on stderr: inputs per mode, and the server's counters."""

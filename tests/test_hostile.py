@@ -49,6 +49,7 @@ from trio_dtls_server.testing import (
     TestPKI,
     abandon,
     cookie_of,
+    drain_bio,
     echo_handler,
     exchange,
     local_address,
@@ -69,22 +70,13 @@ _RANDOM_AT = 13 + 12 + 2
 _SESSION_ID_AT = _RANDOM_AT + 32
 
 
-def _bio_drain(conn: SSL.Connection) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunks.append(conn.bio_read(65535))
-        except SSL.WantReadError:
-            return b"".join(chunks)
-
-
 def _first_client_hello(config: DTLSClientConfig) -> bytes:
     conn = SSL.Connection(config.build_context().context, None)
     conn.set_connect_state()
     conn.set_ciphertext_mtu(1400)
     with contextlib.suppress(SSL.WantReadError):
         conn.do_handshake()
-    return _bio_drain(conn)
+    return drain_bio(conn)
 
 
 #: A real ClientHello (no cookie), the template of every mutated one.
@@ -338,7 +330,7 @@ async def finish_raw_handshake(
                 done = True
             except SSL.WantReadError:
                 done = False
-            outgoing = _bio_drain(raw.conn)
+            outgoing = drain_bio(raw.conn)
             if outgoing:
                 await raw.sock.send(outgoing + extra)
                 extra = b""
@@ -348,7 +340,7 @@ async def finish_raw_handshake(
 
 async def raw_exchange(raw: RawHandshake, payload: bytes) -> bytes:
     raw.conn.write(payload)
-    await raw.sock.send(_bio_drain(raw.conn))
+    await raw.sock.send(drain_bio(raw.conn))
     with trio.fail_after(PROMPT):
         while True:
             raw.conn.bio_write(await raw.sock.recv(65535))
@@ -366,7 +358,7 @@ async def hello_with_cookie(
     conn.set_ciphertext_mtu(1400)
     with contextlib.suppress(SSL.WantReadError):
         conn.do_handshake()
-    await sock.send(_bio_drain(conn))
+    await sock.send(drain_bio(conn))
     with trio.fail_after(PROMPT):
         while True:
             reply = await sock.recv(65535)
@@ -375,7 +367,7 @@ async def hello_with_cookie(
     conn.bio_write(reply)
     with contextlib.suppress(SSL.WantReadError):
         conn.do_handshake()
-    await sock.send(_bio_drain(conn))
+    await sock.send(drain_bio(conn))
     return conn
 
 
@@ -974,9 +966,9 @@ async def test_last_datagram_then_close_notify_is_not_a_handler_error(
     client = await connect_dtls(*server.address, dtls_pki.client_config())
     assert await exchange(client, b"hello") == b"hello"
     client._conn.write(b"last words")
-    last = _bio_drain(client._conn)
+    last = drain_bio(client._conn)
     client._conn.shutdown()
-    send_raw(client, last + _bio_drain(client._conn))  # the datagram, then close_notify
+    send_raw(client, last + drain_bio(client._conn))  # the datagram, then close_notify
     stats = await wait_for_stats(server, sessions_closed=1)
     abandon(client)
     assert stats.datagrams_in == 2
@@ -1020,12 +1012,12 @@ async def test_handshake_completed_and_closed_in_one_datagram_is_counted_once(
                 conn.do_handshake()
                 break
             except SSL.WantReadError:
-                await sock.send(_bio_drain(conn))
+                await sock.send(drain_bio(conn))
                 conn.bio_write(await sock.recv(65535))
         conn.write(b"one datagram")
         with contextlib.suppress(SSL.Error):
             conn.shutdown()
-        await sock.send(_bio_drain(conn))  # CCS, Finished, the datagram, close_notify
+        await sock.send(drain_bio(conn))  # CCS, Finished, the datagram, close_notify
         await wait_for_stats(server, sessions_closed=2)
     assert received == [b"one datagram"]
     stats = server.stats()
@@ -1058,7 +1050,7 @@ async def test_final_flight_at_the_handshake_deadline_is_counted_once(
                 raw.conn.bio_write(await raw.sock.recv(65535))
                 with contextlib.suppress(SSL.WantReadError):
                     raw.conn.do_handshake()
-                final = _bio_drain(raw.conn)
+                final = drain_bio(raw.conn)
             await trio.testing.wait_all_tasks_blocked()
             before = server.stats()
             mock_clock.jump(handshake_timeout + 1)

@@ -14,6 +14,7 @@ import trio.testing
 
 from trio_dtls_server import (
     CloseReason,
+    DTLSClientConfig,
     DTLSServer,
     DTLSServerConfig,
     DTLSSession,
@@ -553,19 +554,25 @@ async def test_psk_only_server_refuses_a_client_with_no_credentials(
     assert server.stats().handshakes_completed == 1
 
 
+async def _reconnect_with_ticket(
+    server: DTLSServer, config: DTLSClientConfig, payload: bytes
+) -> tuple[DTLSSession, DTLSSession]:
+    """Connect, exchange ``payload``, close, then connect again offering the ticket."""
+    first = await connect_dtls(*server.address, config)
+    assert await exchange(first, payload) == payload
+    await first.aclose()
+    again = await connect_dtls(*server.address, config, session=first.tls_session)
+    return first, again
+
+
 async def test_session_resumption_abbreviates_the_handshake(
     dtls_pki: TestPKI, dtls_server: ServerFactory
 ) -> None:
     recorder = Recorder()
     server = await dtls_server(recorder, config=dtls_pki.server_config(psk=False))
-    config = dtls_pki.client_config()
-    first = await connect_dtls(*server.address, config)
-    assert await exchange(first, b"full") == b"full"
-    ticket = first.tls_session
-    assert ticket is not None and not first.session_reused
-    await first.aclose()
-    again = await connect_dtls(*server.address, config, session=ticket)
+    first, again = await _reconnect_with_ticket(server, dtls_pki.client_config(), b"full")
     try:
+        assert first.tls_session is not None and not first.session_reused
         assert again.session_reused
         assert await exchange(again, b"resumed") == b"resumed"
         await wait_until(lambda: len(recorder.sessions) == 2)
@@ -579,12 +586,9 @@ async def test_session_resumption_abbreviates_the_handshake(
 async def test_server_without_session_tickets_does_a_full_handshake(
     dtls_pki: TestPKI, dtls_server: ServerFactory
 ) -> None:
-    server = await dtls_server(session_tickets=False)
-    config = dtls_pki.client_config()
-    first = await connect_dtls(*server.address, config)
-    ticket = first.tls_session
-    await first.aclose()
-    again = await connect_dtls(*server.address, config, session=ticket)
+    # Certificate-only: with PSK identities the server issues no tickets anyway.
+    server = await dtls_server(config=dtls_pki.server_config(psk=False, session_tickets=False))
+    _, again = await _reconnect_with_ticket(server, dtls_pki.client_config(), b"x")
     try:
         assert not again.session_reused
         assert await exchange(again, b"full") == b"full"
@@ -716,10 +720,7 @@ async def test_psk_sessions_do_not_resume_so_they_always_know_their_identity(
     recorder = Recorder()
     server = await dtls_server(recorder)
     config = dtls_pki.psk_client_config("device-2")
-    first = await connect_dtls(*server.address, config)
-    ticket = first.tls_session
-    await first.aclose()
-    again = await connect_dtls(*server.address, config, session=ticket)
+    _, again = await _reconnect_with_ticket(server, config, b"hello")
     try:
         assert not again.session_reused
         assert await exchange(again, b"who") == b"who"

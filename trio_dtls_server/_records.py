@@ -19,7 +19,7 @@ import hmac
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 CONTENT_CHANGE_CIPHER_SPEC = 20
@@ -65,7 +65,7 @@ def iter_records(data: bytes) -> Iterator[bytes]:
         offset = stop
 
 
-def pack_datagrams(records: Iterator[bytes] | list[bytes], mtu: int) -> list[bytes]:
+def pack_datagrams(records: Iterable[bytes], mtu: int) -> list[bytes]:
     """Pack whole records into as few datagrams as fit in ``mtu`` bytes each.
 
     RFC 6347 section 4.1.1 allows several records in one datagram; a record

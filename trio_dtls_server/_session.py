@@ -446,7 +446,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
             return
         data = b"".join(chunks)
         try:
-            datagrams = pack_datagrams(list(iter_records(data)), self._mtu)
+            datagrams = pack_datagrams(iter_records(data), self._mtu)
         except BadRecord:  # pragma: no cover - OpenSSL writes whole records
             datagrams = [data]
         for datagram in datagrams:

@@ -32,6 +32,7 @@ __all__ = [
     "TestPKI",
     "abandon",
     "cookie_of",
+    "drain_bio",
     "echo_handler",
     "exchange",
     "local_address",
@@ -215,6 +216,16 @@ def cookie_of(hello_verify_request: bytes) -> bytes | None:
     return hello_verify_request[28 : 28 + length]
 
 
+def drain_bio(conn: SSL.Connection) -> bytes:
+    """Everything a memory-BIO connection has written and not yet been read."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(conn.bio_read(65535))
+        except SSL.WantReadError:
+            return b"".join(chunks)
+
+
 class RawHandshake:
     """A client handshake driven step by step, to leave it half open on purpose.
 
@@ -248,11 +259,8 @@ class RawHandshake:
     async def _step(self) -> None:
         with contextlib.suppress(SSL.WantReadError):
             self.conn.do_handshake()
-        while True:
-            try:
-                data = self.conn.bio_read(65535)
-            except SSL.WantReadError:
-                return
+        data = drain_bio(self.conn)
+        if data:
             await self.sock.send(data)
 
     def close(self) -> None:
