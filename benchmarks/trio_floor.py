@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -54,7 +55,7 @@ def serve(mode: str) -> None:
 
     async def two_tasks() -> None:
         lot = trio.lowlevel.ParkingLot()
-        queue: list[tuple[bytes, object]] = []
+        queue: list[tuple[bytes, Any]] = []
 
         async def replier() -> None:
             while True:

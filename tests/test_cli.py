@@ -261,6 +261,10 @@ BAD_CONFIGURATIONS: dict[str, Callable[[TestPKI, Path, int], tuple[list[str], st
         ["--no-client-auth", "--idle-timeout", "-1"],
         "--idle-timeout: must be at least 0",
     ),
+    "read lease beyond its bound": lambda pki, tmp, busy: (
+        ["--no-client-auth", "--read-lease", "5"],
+        "--read-lease: must be at most 1",
+    ),
     "unknown key in config file": lambda pki, tmp, busy: (
         ["--config", _write(tmp / "c.toml", "port = 0\nbogus-key = 1\n"), "--no-client-auth"],
         "unknown key 'bogus-key'",

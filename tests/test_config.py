@@ -50,6 +50,8 @@ def test_file_that_is_not_pem_is_refused(tmp_path: Path) -> None:
         ({"shutdown_grace": -0.1}, "shutdown_grace"),
         ({"max_queued_datagrams": 0}, "max_queued_datagrams"),
         ({"mtu": 100}, "mtu"),
+        ({"read_lease": -0.1}, "read_lease"),
+        ({"read_lease": 2}, "read_lease"),
         ({"client_auth": "maybe"}, "client_auth"),
         ({"psk_identities": {"x": "not hex"}}, "psk_identities['x']"),
         ({"psk_identities": {"x": ""}}, "psk_identities['x']"),

@@ -149,6 +149,13 @@ SERVE_OPTIONS: Final[tuple[Option, ...]] = (
         "BYTES",
     ),
     Option(
+        "read-lease",
+        "seconds",
+        "most a datagram waits while the handler that read last is busy elsewhere; "
+        "0: a dedicated task reads every datagram " + _default("read_lease"),
+        "S",
+    ),
+    Option(
         "workers",
         "count",
         "processes sharing the port with SO_REUSEPORT (default: 1)",
@@ -214,6 +221,7 @@ class ServeSettings:
     evict_idle_after: float = _LIBRARY_DEFAULTS["evict_idle_after"]
     max_queued_datagrams: int = _LIBRARY_DEFAULTS["max_queued_datagrams"]
     mtu: int | None = None
+    read_lease: float = _LIBRARY_DEFAULTS["read_lease"]
     workers: int = 1
     shutdown_grace: float = _LIBRARY_DEFAULTS["shutdown_grace"]
     stats_interval: float | None = None

@@ -78,6 +78,10 @@ class _ClientOwner:
             if self._closed:
                 self._close_socket()
 
+    def wake(self, waiter: trio.lowlevel.Task | object) -> None:
+        assert isinstance(waiter, trio.lowlevel.Task)  # READING is the server's
+        trio.lowlevel.reschedule(waiter)
+
     def session_established(self, session: DTLSSession) -> None:
         pass
 

@@ -364,6 +364,15 @@ class DTLSServerConfig(_Credentials):
     """Largest UDP payload to send, in bytes: handshake flights are packed and
     fragmented to fit. None: 1472 on IPv4, 1452 on IPv6 (a 1500-byte Ethernet MTU)."""
 
+    read_lease: float = 0.01
+    """When every task waiting for input has just been woken (one busy session,
+    say), the first of them back in ``receive()`` reads the socket for everyone,
+    so that its own next datagram costs one task switch rather than two. If none
+    comes back within this many seconds, the server's receive loop reads again:
+    the longest a datagram that no task is waiting for (a new client's hello,
+    input for a handler busy elsewhere) can go unread. Tasks waiting in
+    ``receive()`` never wait for it. 0: the receive loop reads every datagram."""
+
     session_tickets: bool = True
     """Issue session tickets, so returning clients can resume with an abbreviated handshake.
     Not with PSK identities configured: OpenSSL does not call the PSK callback when a
@@ -393,6 +402,9 @@ class DTLSServerConfig(_Credentials):
         _check_number("shutdown_grace", self.shutdown_grace, minimum=0)
         _check_number("max_queued_datagrams", self.max_queued_datagrams, minimum=1)
         _check_number("mtu", self.mtu, minimum=256, allow_none=True)
+        _check_number("read_lease", self.read_lease, minimum=0)
+        if self.read_lease > 1:
+            raise ConfigError("read_lease", f"must be at most 1 (second), not {self.read_lease!r}")
         for identity, key in self.psk_identities.items():
             _check_identity("psk_identities", identity)
             parse_psk_key(f"psk_identities[{identity!r}]", key)

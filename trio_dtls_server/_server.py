@@ -26,6 +26,7 @@ from OpenSSL import SSL
 
 from ._config import DTLSServerConfig, TLSContext
 from ._errors import HandshakeError, SessionClosed
+from ._reader import SocketReader
 from ._records import (
     RECORD_HEADER_SIZE,
     BadRecord,
@@ -165,6 +166,13 @@ class DTLSServer:
         self._nursery: trio.Nursery | None = None
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._refusals = _RateLimitedLog()
+        self._reader = SocketReader(sock, self._drain, config.read_lease)
+        # The rest of SessionOwner: bound straight to what implements it, which
+        # saves a call (and a coroutine) per datagram.
+        self.send_nowait = self._sender.send_nowait
+        self.send = self._sender.send
+        self.wait_for_input = self._reader.wait_for_input
+        self.wake = self._reader.wake
 
     def __repr__(self) -> str:
         return f"<DTLSServer {self.address[0]}:{self.address[1]}>"
@@ -224,7 +232,7 @@ class DTLSServer:
                 with trio.CancelScope(shield=True):
                     async with trio.open_nursery() as nursery:
                         self._nursery = handler_nursery or nursery
-                        nursery.start_soon(self._receive_loop)
+                        nursery.start_soon(self._reader.receive_loop)
                         nursery.start_soon(self._expire_idle_sessions)
                         task_status.started(self)
                         await self._shutdown_requested.wait()
@@ -256,33 +264,37 @@ class DTLSServer:
         if self._running:
             logger.warning("%d session task(s) still running after the grace", len(self._running))
 
-    async def _receive_loop(self) -> None:
-        sock = self._sock
-        recvfrom = sock.recvfrom
+    def _drain(self, reader: DTLSSession | None) -> None:
+        """Read and dispatch up to ``RECEIVE_BATCH`` datagrams, or until the socket is empty.
+
+        A task reading for its own session (``reader``) stops as soon as that
+        session has a datagram for it: the next reader picks up the rest.
+        """
+        recvfrom = self._sock.recvfrom
         dispatch = self._dispatch
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(RECEIVE_BATCH):
-                try:
-                    datagram, address = recvfrom(MAX_DATAGRAM)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    # ICMP errors for earlier sends can surface here; they
-                    # concern one peer, not the socket.
-                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        continue
-                    raise
-                try:
-                    dispatch(datagram, address)
-                except Exception:
-                    # A bug must not take the server down with it; end only the
-                    # session the datagram was for.
-                    logger.exception("internal error handling a datagram from %s", address)
-                    session = self._by_address.get(address)
-                    if session is not None:
-                        session._end(CloseReason.PROTOCOL_ERROR)
-                        session.scope.cancel()
+        for _ in range(RECEIVE_BATCH):
+            try:
+                datagram, address = recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # ICMP errors for earlier sends can surface here; they
+                # concern one peer, not the socket.
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                raise
+            try:
+                dispatch(datagram, address)
+            except Exception:
+                # A bug must not take the server down with it; end only the
+                # session the datagram was for.
+                logger.exception("internal error handling a datagram from %s", address)
+                session = self._by_address.get(address)
+                if session is not None:
+                    session._end(CloseReason.PROTOCOL_ERROR)
+                    session.scope.cancel()
+            if reader is not None and reader._inbox:
+                return
 
     def _dispatch(self, datagram: bytes, address: Any) -> None:
         session = self._by_address.get(address)
@@ -388,17 +400,7 @@ class DTLSServer:
         # Answer now rather than when the task first runs.
         session._drive_handshake()
 
-    # -- SessionOwner: what sessions call back ----------------------------------
-
-    def send_nowait(self, datagram: bytes, address: Any) -> object:
-        return self._sender.send_nowait(datagram, address)
-
-    async def send(self, datagram: bytes, address: Any) -> None:
-        await self._sender.send(datagram, address)
-
-    async def wait_for_input(self, session: DTLSSession) -> None:
-        # The receive loop feeds sessions and wakes them.
-        await session._park()
+    # -- SessionOwner (with send, send_nowait, wait_for_input, wake: see __init__) --
 
     def session_established(self, session: DTLSSession) -> None:
         self._lru[session.peer_address] = session

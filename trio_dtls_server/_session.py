@@ -83,6 +83,21 @@ def ssl_error_text(exc: SSL.Error) -> str:
     return type(exc).__name__
 
 
+class _Reading:
+    """What a session's waiter slot holds while its task reads the socket for everyone."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "READING"
+
+
+#: The waiter slot's value while the task waiting for this session is the one
+#: waiting on the socket (see ``DTLSServer.wait_for_input``): news for the
+#: session must interrupt that wait rather than reschedule the task.
+READING = _Reading()
+
+
 class SessionOwner(Protocol):
     """What a session needs from whoever owns its socket (a server, or a client)."""
 
@@ -92,6 +107,9 @@ class SessionOwner(Protocol):
 
     async def wait_for_input(self, session: DTLSSession) -> None:
         """Return once ``session`` may have news: a datagram, or an end."""
+
+    def wake(self, waiter: trio.lowlevel.Task | _Reading) -> None:
+        """Wake the task waiting for a session's news (``waiter`` is READING: see there)."""
 
     def session_established(self, session: DTLSSession) -> None: ...
 
@@ -171,7 +189,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         self._max_queued = max_queued
         self._inbox: deque[bytes] = deque()
         # One task waiting for news (the usual case), and a lot for any others.
-        self._waiter: trio.lowlevel.Task | None = None
+        self._waiter: trio.lowlevel.Task | _Reading | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._state = _State.HANDSHAKING
         self._handshake_error: HandshakeError | None = None
@@ -299,7 +317,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
                 if self._closed_here:
                     raise trio.ClosedResourceError("this session was closed")
                 raise trio.EndOfChannel
-            await self._wait_for_input()
+            await self._owner.wait_for_input(self)
         return inbox.popleft()
 
     async def send(self, value: bytes | bytearray | memoryview) -> None:
@@ -518,9 +536,6 @@ class DTLSSession(trio.abc.Channel[bytes]):
 
     # -- waiting ----------------------------------------------------------------
 
-    async def _wait_for_input(self) -> None:
-        await self._owner.wait_for_input(self)
-
     async def _park(self) -> None:
         """Wait until the session has news (see ``_wake_one``/``_wake_all``).
 
@@ -544,7 +559,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            trio.lowlevel.reschedule(waiter)
+            self._owner.wake(waiter)
         elif self._lot:
             self._lot.unpark()
 
@@ -552,7 +567,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            trio.lowlevel.reschedule(waiter)
+            self._owner.wake(waiter)
         self._lot.unpark_all()
 
     async def _await_handshake(self) -> None:
@@ -566,7 +581,7 @@ class DTLSSession(trio.abc.Channel[bytes]):
         while self._state is _State.HANDSHAKING:
             timeout = self._conn.DTLSv1_get_timeout()
             with trio.move_on_after(math.inf if timeout is None else timeout) as timer:
-                await self._wait_for_input()
+                await self._owner.wait_for_input(self)
             if timer.cancelled_caught:
                 self._on_timer()
         if self.established_at is not None:

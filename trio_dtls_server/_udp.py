@@ -105,7 +105,13 @@ class UDPSender:
                 return
         async with self._lock:
             while True:
-                await trio.lowlevel.wait_writable(self._sock)
+                try:
+                    await trio.lowlevel.wait_writable(self._sock)
+                except trio.ClosedResourceError:
+                    if self._sock.fileno() == -1:
+                        raise
+                    # Still open: the server interrupted the task reading it
+                    # (notify_closing wakes every waiter); try the send again.
                 try:
                     if address is None:
                         self._sock.send(datagram)

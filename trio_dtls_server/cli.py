@@ -224,6 +224,7 @@ def build_server_config(settings: ServeSettings) -> DTLSServerConfig:
         shutdown_grace=settings.shutdown_grace,
         max_queued_datagrams=settings.max_queued_datagrams,
         mtu=settings.mtu,
+        read_lease=settings.read_lease,
         keylog_file=settings.keylog,
     )
     if settings.cert is not None:
