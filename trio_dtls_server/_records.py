@@ -88,7 +88,7 @@ def is_single_application_record(datagram: bytes) -> bool:
     return (
         len(datagram) > RECORD_HEADER_SIZE
         and datagram[0] == CONTENT_APPLICATION_DATA
-        and RECORD_HEADER_SIZE + int.from_bytes(datagram[11:13], "big") == len(datagram)
+        and RECORD_HEADER_SIZE + (datagram[11] << 8 | datagram[12]) == len(datagram)
     )
 
 
