@@ -112,3 +112,31 @@ async def test_news_interrupts_the_handler_that_is_reading_for_everyone(
     with trio.fail_after(3):
         await server.aclose()
     assert handler.ended == [CloseReason.IDLE_TIMEOUT, CloseReason.SHUTDOWN]
+
+
+class OneShot:
+    """Answers one datagram, then returns (closing the session)."""
+
+    async def __call__(self, session: DTLSSession) -> None:
+        await session.send(await session.receive())
+
+
+@pytest.mark.parametrize("how", ["peer closes", "handler returns"])
+async def test_a_reader_whose_session_ends_hands_the_socket_back_at_once(
+    how: str, dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    # With a one-second lease, a newcomer would wait for it if the task that
+    # read last kept the socket after its session ended.
+    if how == "handler returns":
+        server = await dtls_server(OneShot(), read_lease=1.0)
+    else:
+        server = await dtls_server(read_lease=1.0)
+    first = await dtls_client(server)
+    assert await exchange(first, b"x") == b"x"
+    if how == "peer closes":
+        await first.aclose()
+    await wait_for_stats(server, sessions_active=0, sessions_closed=1)
+    started = trio.current_time()
+    second = await dtls_client(server)
+    assert await exchange(second, b"y") == b"y"
+    assert trio.current_time() - started < 0.5

@@ -151,8 +151,9 @@ SERVE_OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "read-lease",
         "seconds",
-        "most a datagram waits while the handler that read last is busy elsewhere; "
-        "0: a dedicated task reads every datagram " + _default("read_lease"),
+        "longest a datagram no task waits for can go unread while the handler that read "
+        "the socket last is busy; 0: the receive loop reads every datagram "
+        + _default("read_lease"),
         "S",
     ),
     Option(

@@ -10,9 +10,9 @@ reads for everyone: its own datagram then reaches it in one task switch.
 
 Two rules keep everyone served:
 
-- a task that stops reading while other tasks are parked waiting for input, or
-  that is cancelled while reading, hands the socket back to the receive loop at
-  once;
+- a task that stops reading while other tasks are parked waiting for input,
+  whose session has ended, or that is cancelled while reading, hands the socket
+  back to the receive loop at once, and so does every session task that ends;
 - otherwise the receive loop takes the socket back if no task has come to read
   within ``lease`` seconds: only datagrams nobody is waiting for (a new
   client's hello, input for a handler busy elsewhere) can wait that long.
@@ -40,16 +40,10 @@ if TYPE_CHECKING:
 class SocketReader:
     """Decides, datagram by datagram, which task reads ``sock``.
 
-    ``drain(session)`` reads what the socket holds and dispatches it, stopping
-    early once ``session`` (if not None) has a datagram to return.
+    ``drain()`` reads what the socket holds and dispatches it.
     """
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        drain: Callable[[DTLSSession | None], None],
-        lease: float,
-    ) -> None:
+    def __init__(self, sock: socket.socket, drain: Callable[[], None], lease: float) -> None:
         self._sock = sock
         self._drain = drain
         self._lease = lease
@@ -73,7 +67,7 @@ class SocketReader:
             finally:
                 self._reading = False
             self._woken = 0
-            self._drain(None)
+            self._drain()
             if self._lease and self._woken and self._woken >= self._parked:
                 # Every waiting task was just woken: the first back reads next.
                 await self._stand_by(armed=True)
@@ -106,16 +100,22 @@ class SocketReader:
                 self._reading = False
                 session._waiter = None
             self._woken = 0
-            self._drain(session)
+            self._drain()
             if session._inbox or session._state is not state:
                 break
         # Back to the caller, leaving the socket unread.
-        if self._parked > self._woken:
-            self._wake_loop()  # tasks are waiting: read for them now
+        if self._parked > self._woken or not session.is_established:
+            # Tasks are waiting, or this one is unlikely to be back: read now.
+            self._wake_loop()
         else:
             watch = self._watch
             if watch is not None and watch.deadline == math.inf:
                 watch.deadline = trio.current_time() + self._lease
+
+    def task_done(self) -> None:
+        """A session's task ends: if nobody is reading, the receive loop reads now."""
+        if not self._reading:
+            self._wake_loop()
 
     def wake(self, waiter: trio.lowlevel.Task | _Reading) -> None:
         """Wake the task waiting for a session's news (SessionOwner.wake)."""

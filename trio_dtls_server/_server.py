@@ -264,12 +264,8 @@ class DTLSServer:
         if self._running:
             logger.warning("%d session task(s) still running after the grace", len(self._running))
 
-    def _drain(self, reader: DTLSSession | None) -> None:
-        """Read and dispatch up to ``RECEIVE_BATCH`` datagrams, or until the socket is empty.
-
-        A task reading for its own session (``reader``) stops as soon as that
-        session has a datagram for it: the next reader picks up the rest.
-        """
+    def _drain(self) -> None:
+        """Read and dispatch up to ``RECEIVE_BATCH`` datagrams, or until the socket is empty."""
         recvfrom = self._sock.recvfrom
         dispatch = self._dispatch
         for _ in range(RECEIVE_BATCH):
@@ -293,8 +289,6 @@ class DTLSServer:
                 if session is not None:
                     session._end(CloseReason.PROTOCOL_ERROR)
                     session.scope.cancel()
-            if reader is not None and reader._inbox:
-                return
 
     def _dispatch(self, datagram: bytes, address: Any) -> None:
         session = self._by_address.get(address)
@@ -482,6 +476,7 @@ class DTLSServer:
             self._running.discard(session)
             if not self._running:
                 self._tasks_done.set()
+            self._reader.task_done()
 
     async def _handshake(self, session: DTLSSession) -> None:
         """Wait for the handshake to end and count how, unless it was cancelled.
