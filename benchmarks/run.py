@@ -1,6 +1,6 @@
 """The performance suite in one command: every figure beside bare trio's, in the same run.
 
-    python benchmarks/run.py             # the full suite, about 30 minutes
+    python benchmarks/run.py             # the full suite, about 15 minutes
     python benchmarks/run.py --quick     # a smoke run, about 3 minutes
 
 It uses the load generator and reference servers in ``../shared/bench`` where

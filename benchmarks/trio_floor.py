@@ -7,13 +7,16 @@ blocking Python client on CPU 1 (one datagram in flight, loopback only), and pri
 round trips/s and the server's CPU per round trip as JSON:
 
 - ``blocking``: ``recvfrom``/``sendto`` in a loop, no event loop at all;
-- ``trio_one_task``: one trio task waits for the socket, reads and replies;
+- ``trio_one_task``: one trio task waits for the socket, reads and replies: the
+  shape of this library's server when one session is busy (its handler's task
+  reads the socket itself, see trio_dtls_server/_reader.py);
 - ``trio_two_tasks``: a reading task hands each datagram to a second task (through
-  a ParkingLot) that replies: the shape of any trio server with one task per peer,
-  this library's included.
+  a ParkingLot) that replies: the shape of a trio server with a dedicated reader
+  and one task per peer (bare trio's DTLSEndpoint, or this library with
+  ``read_lease=0``).
 
-The last figure bounds what a one-task-per-session DTLS server on trio can do at
-one session with one message in flight, before any DTLS work.
+The one-task figure bounds what a DTLS server on trio can do at one session with
+one message in flight, before any DTLS work.
 """
 
 from __future__ import annotations
