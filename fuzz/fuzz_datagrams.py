@@ -1,14 +1,14 @@
 """Atheris fuzz target: every datagram a server can receive, through ``DTLSServer._dispatch``.
 
-The receive loop hands each datagram to ``DTLSServer._dispatch(datagram, address)``
+The task reading the socket hands each datagram to ``DTLSServer._dispatch(datagram, address)``
 synchronously and, as a last line of defence, logs and contains any exception
 that escapes it. This target calls ``_dispatch`` directly instead, so that any
 exception escaping it reaches libFuzzer as a crash, with the input that caused it.
 
 A real server runs (``serve_dtls`` on a loopback socket, in a trio run on a
 background thread): session tasks, handshake and idle timeouts, eviction and the
-receive loop all work as in production. Each input is dispatched on that trio
-thread, as the receive loop would, then the server's tables are checked. A number
+socket's reading all work as in production. Each input is dispatched on that trio
+thread, as the reading task would, then the server's tables are checked. A number
 taken from the input (atheris' FuzzedDataProvider takes numbers from its end, bytes
 from its start) picks where the rest goes:
 
@@ -159,7 +159,7 @@ class Harness:
         trio.from_thread.run_sync(self._dispatch_one, data, trio_token=self._token)
 
     def _dispatch_one(self, data: bytes) -> None:
-        """Runs on the server's trio thread, like the receive loop."""
+        """Runs on the server's trio thread, like the task reading the socket."""
         server = self.server
         assert server is not None
         self._inputs += 1

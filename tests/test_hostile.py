@@ -924,7 +924,7 @@ async def test_a_bug_in_per_datagram_handling_ends_only_that_session(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The receive loop's last line of defence: an exception escaping the handling of
+    """The reading task's last line of defence: an exception escaping the handling of
     one datagram (a planted bug here) is logged and ends only the session it was for."""
     server: DTLSServer = await nursery.start(
         partial(serve_dtls, echo_handler, 0, config=dtls_pki.server_config())
@@ -956,7 +956,7 @@ async def test_last_datagram_then_close_notify_is_not_a_handler_error(
     dtls_pki: TestPKI, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A peer says its last word and closes at once (a datagram, then close_notify, read
-    in one go by the receive loop). The handler written as the README shows gets the
+    in one go by the reading task). The handler written as the README shows gets the
     datagram, and its echo meets the ended session: that ends the handler normally, it
     is no handler error and logs no ERROR (else any peer could make the server log
     tracebacks at will)."""
@@ -983,7 +983,7 @@ async def test_handshake_completed_and_closed_in_one_datagram_is_counted_once(
     dtls_pki: TestPKI, nursery: trio.Nursery
 ) -> None:
     """A resuming client's last flight carries its Finished, a datagram and close_notify
-    (all legal in one datagram): the receive loop completes the handshake, delivers the
+    (all legal in one datagram): the reading task completes the handshake, delivers the
     datagram and ends the session before the session's task first runs."""
     received: list[bytes] = []
 

@@ -1,7 +1,7 @@
 """``serve_dtls`` and ``DTLSServer``: one UDP socket, many supervised sessions.
 
-One receive loop reads every datagram and hands it to its session
-synchronously (see :mod:`._session`). A datagram from an unknown peer is only
+Whichever task reads the socket (see :mod:`._reader`) hands each datagram to
+its session synchronously (see :mod:`._session`). A datagram from an unknown peer is only
 ever answered statelessly, with a HelloVerifyRequest, until the peer returns
 a valid cookie (RFC 6347 4.2.1); only then does the server spend memory on
 it, and only within ``max_sessions`` and ``max_sessions_per_ip``. Each session

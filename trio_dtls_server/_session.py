@@ -1,11 +1,10 @@
 """The life of one session: handshake, datagrams in and out, and its end.
 
 A :class:`DTLSSession` wraps one OpenSSL connection with memory BIOs. It does no
-I/O of its own: whoever owns the UDP socket (the server's receive loop, or the
-client's pump) hands it each datagram with :meth:`DTLSSession._on_datagram`,
-which runs OpenSSL synchronously and sends whatever OpenSSL produced. Tasks
-only ever wait: for the handshake to finish, for a datagram to read, for the
-retransmission timer.
+I/O of its own: whoever owns the UDP socket (the server, or the client) hands
+it each datagram with :meth:`DTLSSession._on_datagram`, which runs OpenSSL
+synchronously and sends whatever OpenSSL produced. Tasks only ever wait: for
+the handshake to finish, for a datagram to read, for the retransmission timer.
 
 Retransmission during the handshake is OpenSSL's own timer
 (``DTLSv1_get_timeout``/``DTLSv1_handle_timeout``), and everything OpenSSL
@@ -305,8 +304,9 @@ class DTLSSession(trio.abc.Channel[bytes]):
 
         When a datagram is already queued it is returned without yielding to
         other tasks (cancellation is still honoured). That cannot starve them:
-        only the receive loop queues datagrams, and it runs only when this task
-        yields, so at most ``max_queued_datagrams`` receives in a row skip it.
+        datagrams are queued only by the task reading the socket, which reads
+        only while waiting, so at most ``max_queued_datagrams`` receives in a
+        row skip a yield.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed_here:
