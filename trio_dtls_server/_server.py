@@ -1,12 +1,12 @@
 """``serve_dtls`` and ``DTLSServer``: one UDP socket, many supervised sessions.
 
 Whichever task reads the socket (see :mod:`._reader`) hands each datagram to
-its session synchronously (see :mod:`._session`). A datagram from an unknown peer is only
-ever answered statelessly, with a HelloVerifyRequest, until the peer returns
-a valid cookie (RFC 6347 4.2.1); only then does the server spend memory on
-it, and only within ``max_sessions`` and ``max_sessions_per_ip``. Each session
-then gets one task: the handshake under ``handshake_timeout``, the handler with
-its errors contained, then close_notify.
+its session synchronously (see :mod:`._session`). A datagram from an unknown
+peer is only ever answered statelessly, with a HelloVerifyRequest, until the
+peer returns a valid cookie (RFC 6347 4.2.1); only then does the server spend
+memory on it, and only within ``max_sessions`` and ``max_sessions_per_ip``.
+Each session then gets one task: the handshake under ``handshake_timeout``, the
+handler with its errors contained, then close_notify.
 """
 
 from __future__ import annotations

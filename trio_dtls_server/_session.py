@@ -92,7 +92,7 @@ class _Reading:
 
 
 #: The waiter slot's value while the task waiting for this session is the one
-#: waiting on the socket (see ``DTLSServer.wait_for_input``): news for the
+#: waiting on the socket (see ``_reader.SocketReader``): news for the
 #: session must interrupt that wait rather than reschedule the task.
 READING = _Reading()
 
