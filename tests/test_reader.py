@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from trio_dtls_server import CloseReason, DTLSSession
+from trio_dtls_server._internals import plain_path_requested
 from trio_dtls_server.testing import exchange, wait_for_stats
 from trio_dtls_server.testing._plugin import ClientFactory, ServerFactory
 
@@ -55,7 +56,20 @@ async def test_many_exchanges_on_one_and_on_several_sessions(
 
 
 # Below one second: a longer wait would cross the client's first retransmission.
-@pytest.mark.parametrize(("read_lease", "least", "most"), [(0.5, 0.3, 0.95), (0, 0.0, 0.25)])
+@pytest.mark.parametrize(
+    ("read_lease", "least", "most"),
+    [
+        pytest.param(
+            0.5,
+            0.3,
+            0.95,
+            marks=pytest.mark.skipif(
+                plain_path_requested(), reason="TRIO_DTLS_SERVER_FAST_PATH=0: no handoff"
+            ),
+        ),
+        (0, 0.0, 0.25),
+    ],
+)
 async def test_read_lease_bounds_how_long_a_datagram_nobody_waits_for_goes_unread(
     read_lease: float,
     least: float,
@@ -140,3 +154,20 @@ async def test_a_reader_whose_session_ends_hands_the_socket_back_at_once(
     second = await dtls_client(server)
     assert await exchange(second, b"y") == b"y"
     assert trio.current_time() - started < 0.5
+
+
+async def test_the_plain_path_turns_the_handoff_off(
+    monkeypatch: pytest.MonkeyPatch, dtls_server: ServerFactory, dtls_client: ClientFactory
+) -> None:
+    # TRIO_DTLS_SERVER_FAST_PATH=0 (make test's second run) leaves all reading
+    # to the receive loop, whatever read_lease says: no newcomer waits for it.
+    monkeypatch.setenv("TRIO_DTLS_SERVER_FAST_PATH", "0")
+    handler = GoesAway()
+    server = await dtls_server(handler, read_lease=0.5, shutdown_grace=0.2)
+    first = await dtls_client(server)
+    assert await exchange(first, b"away") == b"away"
+    assert handler.away_at is not None
+    await dtls_client(server)
+    newcomer = server.sessions[-1]
+    assert newcomer.established_at is not None
+    assert newcomer.established_at - handler.away_at < 0.25

@@ -371,7 +371,8 @@ class DTLSServerConfig(_Credentials):
     comes back within this many seconds, the server's receive loop reads again:
     the longest a datagram that no task is waiting for (a new client's hello,
     input for a handler busy elsewhere) can go unread. Tasks waiting in
-    ``receive()`` never wait for it. 0: the receive loop reads every datagram.
+    ``receive()`` never wait for it. 0: the receive loop reads every datagram
+    (as it does whatever this says under ``TRIO_DTLS_SERVER_FAST_PATH=0``).
     At most 1."""
 
     session_tickets: bool = True

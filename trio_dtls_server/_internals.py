@@ -14,7 +14,9 @@ them needs three private names of pyOpenSSL, each used only here:
   pyOpenSSL allocates a new 16-64 KiB buffer on every call. It raises exactly
   the exceptions pyOpenSSL's own ``read``/``write`` would. If these names
   move, or ``TRIO_DTLS_SERVER_FAST_PATH=0`` is set, the public calls are used
-  instead (``record_functions``); the test suite runs on both.
+  instead (``record_functions``); the test suite runs on both. The same
+  setting also turns off the server's socket handoff (see _reader.py), so that
+  the second run covers the plain path whole.
 
 The library needs nothing private from trio: the session engine uses trio's
 public socket and ``trio.lowlevel`` APIs only.
@@ -150,14 +152,22 @@ def fast_path_available() -> bool:
     ) and all(hasattr(_lib, name) for name in ("SSL_read", "SSL_write", "BIO_read", "BIO_write"))
 
 
+def plain_path_requested() -> bool:
+    """``TRIO_DTLS_SERVER_FAST_PATH=0``: the plain per-datagram path, for comparison.
+
+    The public pyOpenSSL record calls (``record_functions``), and the server's
+    receive loop reading every datagram (no ``read_lease`` handoff).
+    """
+    return os.environ.get("TRIO_DTLS_SERVER_FAST_PATH", "1") == "0"
+
+
 def record_functions() -> tuple[Decrypt, Encrypt, bool]:
     """``(decrypt, encrypt, fast)``: the per-datagram record functions to use.
 
     ``TRIO_DTLS_SERVER_FAST_PATH=0`` in the environment selects the public
     pyOpenSSL calls even when the fast path is available.
     """
-    wanted = os.environ.get("TRIO_DTLS_SERVER_FAST_PATH", "1") != "0"
-    if wanted and fast_path_available():
+    if not plain_path_requested() and fast_path_available():
         return _fast_decrypt, _fast_encrypt, True
     return _public_decrypt, _public_encrypt, False
 

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 from OpenSSL import SSL
 
+from . import _internals
 from ._config import DTLSServerConfig, TLSContext
 from ._errors import HandshakeError, SessionClosed
 from ._reader import SocketReader
@@ -166,7 +167,8 @@ class DTLSServer:
         self._nursery: trio.Nursery | None = None
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._refusals = _RateLimitedLog()
-        self._reader = SocketReader(sock, self._drain, config.read_lease)
+        lease = 0.0 if _internals.plain_path_requested() else config.read_lease
+        self._reader = SocketReader(sock, self._drain, lease)
         # The rest of SessionOwner: bound straight to what implements it, which
         # saves a call (and a coroutine) per datagram.
         self.send_nowait = self._sender.send_nowait
