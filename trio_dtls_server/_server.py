@@ -242,6 +242,9 @@ class DTLSServer:
                         nursery.cancel_scope.cancel()
                 watcher.cancel_scope.cancel()
         finally:
+            # A task still waiting on the socket (a handler that outlived its
+            # grace in a nursery of its own) must not wait on a closed one.
+            trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
             self._stopped.set()
 
@@ -268,6 +271,8 @@ class DTLSServer:
 
     def _drain(self) -> None:
         """Read and dispatch up to ``RECEIVE_BATCH`` datagrams, or until the socket is empty."""
+        if self._sock.fileno() == -1:
+            return  # the server has stopped
         recvfrom = self._sock.recvfrom
         dispatch = self._dispatch
         for _ in range(RECEIVE_BATCH):
