@@ -56,25 +56,21 @@ with atheris.instrument_imports(include=["trio_dtls_server"]):
     from trio_dtls_server import DTLSServer, serve_dtls
     from trio_dtls_server._records import BadRecord, parse_client_hello
     from trio_dtls_server._session import DTLSSession
-    from trio_dtls_server.testing import TestPKI, drain_bio, echo_handler, splice_cookie
+    from trio_dtls_server.testing import (
+        TestPKI,
+        drain_bio,
+        drain_socket,
+        echo_handler,
+        splice_cookie,
+    )
+    from trio_dtls_server.testing._harness import CLIENT_HELLO_SESSION_ID_AT
 
-#: Record header (13) + handshake header (12) + client_version (2) + random (32).
-_SESSION_ID_AT = 13 + 12 + 2 + 32
 _MODES = 9
 #: How often each mode is picked: replacing the established session (7) costs a new
 #: handshake to set it up again, so it gets one draw in sixteen.
 _MODE_DRAWS = (0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6, 6, 8, 7)
 #: A payload that makes the injected bug fire (see FUZZ_DATAGRAMS_INJECT_BUG below).
 INJECTED_BUG_MARKER = b"INJECTED-BUG"
-
-
-def _socket_drain(sock: socket.socket) -> list[bytes]:
-    received = []
-    while True:
-        try:
-            received.append(sock.recv(65535))
-        except (BlockingIOError, ConnectionRefusedError):
-            return received
 
 
 def _loopback_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -165,7 +161,7 @@ class Harness:
         self._inputs += 1
         if self._inputs % 64 == 0:
             for each in (self.established, self.handshaking, self.replaced, *self.strangers):
-                _socket_drain(each.sock)
+                drain_socket(each.sock)
         fdp = atheris.FuzzedDataProvider(data)
         mode = _MODE_DRAWS[fdp.ConsumeIntInRange(0, len(_MODE_DRAWS) - 1)]
         self._by_mode[mode] += 1
@@ -215,7 +211,8 @@ class Harness:
             at = fdp.ConsumeIntInRange(0, len(out) - 1)
             out[at] = fdp.ConsumeInt(1) & 0xFF
         # A new ClientHello.random for each input, or the server takes it for a copy.
-        out[_SESSION_ID_AT - 32 : _SESSION_ID_AT] = hashlib.sha256(b"%d" % self._inputs).digest()
+        random_at = CLIENT_HELLO_SESSION_ID_AT - 32
+        out[random_at:CLIENT_HELLO_SESSION_ID_AT] = hashlib.sha256(b"%d" % self._inputs).digest()
         cut = fdp.ConsumeIntInRange(0, len(out))
         tail: bytes = fdp.ConsumeBytes(fdp.remaining_bytes())
         return bytes(out[:cut]) + tail
@@ -259,7 +256,7 @@ class Harness:
         """Drive a client handshake by hand: its datagrams go straight to _dispatch."""
         server = self.server
         assert server is not None
-        _socket_drain(peer.sock)
+        drain_socket(peer.sock)
         conn = SSL.Connection(self._client_context.context, None)
         conn.set_connect_state()
         conn.set_ciphertext_mtu(1400)
@@ -283,7 +280,7 @@ class Harness:
                 if done:
                     peer.ticket = conn.get_session()
                 return conn
-            for datagram in _socket_drain(peer.sock):
+            for datagram in drain_socket(peer.sock):
                 conn.bio_write(datagram)
         return None
 

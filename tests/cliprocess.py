@@ -140,6 +140,19 @@ def certificate_args(pki: TestPKI) -> list[str]:
     ]
 
 
+def client_certificate_args(pki: TestPKI) -> list[str]:
+    """A client's options: trust the test CA, present the test client certificate."""
+    files = pki.files
+    return [
+        "--ca",
+        str(files.ca_cert),
+        "--cert",
+        str(files.client_cert),
+        "--key",
+        str(files.client_key),
+    ]
+
+
 def containing(*parts: str) -> Callable[[str], bool]:
     """A line predicate: the line contains every one of ``parts``."""
     return lambda line: all(part in line for part in parts)

@@ -24,6 +24,7 @@ from cliprocess import (
     Launcher,
     ServerProcess,
     certificate_args,
+    client_certificate_args,
     containing,
     free_udp_port,
     run_cli,
@@ -109,18 +110,12 @@ async def test_sigterm_sends_close_notify_to_sessions_and_exits_0(
 async def test_client_sends_stdin_lines_and_prints_echoes_with_certificates(
     cli: Launcher, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
-    files = dtls_pki.files
     server = await cli.serve("--port", "0", *certificate_args(dtls_pki))
     result = await run_cli(
         "client",
         "127.0.0.1",
         str(server.port),
-        "--ca",
-        str(files.ca_cert),
-        "--cert",
-        str(files.client_cert),
-        "--key",
-        str(files.client_key),
+        *client_certificate_args(dtls_pki),
         env=cli_env,
         stdin="one\ntwo words\n\nthree, no newline at the end ü".encode(),
     )
@@ -172,18 +167,12 @@ async def test_psk_only_server_refuses_a_client_without_credentials(
 async def test_ack_app_replies_like_the_qt_example(
     cli: Launcher, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
-    files = dtls_pki.files
     server = await cli.serve("--port", "0", "--app", "ack", *certificate_args(dtls_pki))
     result = await run_cli(
         "client",
         "127.0.0.1",
         str(server.port),
-        "--ca",
-        str(files.ca_cert),
-        "--cert",
-        str(files.client_cert),
-        "--key",
-        str(files.client_key),
+        *client_certificate_args(dtls_pki),
         env=cli_env,
         stdin=b"first\nsecond\n",
     )

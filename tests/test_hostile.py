@@ -50,6 +50,7 @@ from trio_dtls_server.testing import (
     abandon,
     cookie_of,
     drain_bio,
+    drain_socket,
     echo_handler,
     exchange,
     local_address,
@@ -130,16 +131,6 @@ def mutate_hello(rng: random.Random, *, keep_cookie_fields: bool) -> bytes:
     if not keep_cookie_fields and rng.random() < 0.3:
         del out[rng.randrange(len(out)) :]
     return bytes(out)
-
-
-def drain(sock: socket.socket) -> list[bytes]:
-    """Every datagram waiting on a non-blocking stdlib socket."""
-    received = []
-    while True:
-        try:
-            received.append(sock.recv(65535))
-        except (BlockingIOError, ConnectionRefusedError):
-            return received
 
 
 @contextlib.contextmanager
@@ -462,7 +453,7 @@ async def test_generated_datagrams_from_strangers_and_from_a_session_harm_nobody
                 table_before = set(server._by_address)
                 stranger.sendto(datagram, server.address)
                 await trio.testing.wait_all_tasks_blocked()
-                replies = drain(stranger)
+                replies = drain_socket(stranger)
                 # (A session the stranger opened with a valid cookie may end meanwhile.)
                 assert set(server._by_address) <= table_before, "state kept for a stranger"
                 if stranger.getsockname() in table_before:
@@ -479,7 +470,7 @@ async def test_generated_datagrams_from_strangers_and_from_a_session_harm_nobody
                 if with_cookie and spliced is not None:
                     stranger.sendto(spliced, server.address)
                     await trio.testing.wait_all_tasks_blocked()
-                    drain(stranger)
+                    drain_socket(stranger)
                 assert len(server._by_address) <= max_sessions
                 property_figures.note(server)
             property_figures.examples += 1
@@ -561,10 +552,10 @@ async def test_flood_of_random_datagrams_and_mutated_hellos_stays_bounded(
                 # The cookie round trip, then the same mutated hello with its cookie.
                 counts["cookied"] += 1
                 hello = mutate_hello(rng, keep_cookie_fields=True)
-                drain(sock)
+                drain_socket(sock)
                 sock.sendto(hello, target_of(sock))
                 await trio.testing.wait_all_tasks_blocked()
-                cookies = [c for c in map(cookie_of, drain(sock)) if c is not None]
+                cookies = [c for c in map(cookie_of, drain_socket(sock)) if c is not None]
                 assert cookies, "no HelloVerifyRequest for a ClientHello that parses"
                 spliced = splice_cookie(hello, cookies[-1])
                 assert spliced is not None
@@ -573,7 +564,7 @@ async def test_flood_of_random_datagrams_and_mutated_hellos_stays_bounded(
                 await trio.testing.wait_all_tasks_blocked()
                 gauge.sample()
                 for sock in strangers:
-                    drain(sock)
+                    drain_socket(sock)
         await trio.testing.wait_all_tasks_blocked()
         with trio.fail_after(PROMPT):
             assert await exchange(target, b"after") == b"after"

@@ -28,7 +28,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from cliprocess import TIMEOUT, Launcher, Output, ServerProcess, certificate_args, containing
+from cliprocess import (
+    TIMEOUT,
+    Launcher,
+    Output,
+    ServerProcess,
+    certificate_args,
+    client_certificate_args,
+    containing,
+)
 
 from trio_dtls_server.testing import FaultyRelay, TestPKI
 
@@ -417,17 +425,11 @@ async def test_interop_qt_client_hello_changes_between_hellos_and_still_passes_t
 async def test_interop_qt_with_certificates_verifying_the_server(
     echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
-    files = dtls_pki.files
     messages = ["hello from qt", "second"]
     run = await run_client(
         qt_client(
             echo_server.port,
-            "--ca",
-            str(files.ca_cert),
-            "--cert",
-            str(files.client_cert),
-            "--key",
-            str(files.client_key),
+            *client_certificate_args(dtls_pki),
             send=messages,
         ),
         env=cli_env,

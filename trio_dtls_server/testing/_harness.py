@@ -33,6 +33,7 @@ __all__ = [
     "abandon",
     "cookie_of",
     "drain_bio",
+    "drain_socket",
     "echo_handler",
     "exchange",
     "local_address",
@@ -214,6 +215,16 @@ def cookie_of(hello_verify_request: bytes) -> bytes | None:
         return None
     length = hello_verify_request[27]
     return hello_verify_request[28 : 28 + length]
+
+
+def drain_socket(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting on a non-blocking stdlib socket (ICMP refusals end it too)."""
+    received = []
+    while True:
+        try:
+            received.append(sock.recv(65535))
+        except (BlockingIOError, ConnectionRefusedError):
+            return received
 
 
 def drain_bio(conn: SSL.Connection) -> bytes:
