@@ -37,7 +37,10 @@ async def test_handshakes_and_echoes_complete_through_30_percent_loss_with_reord
     dtls_pki: TestPKI, dtls_server: ServerFactory, fault_relay: RelayFactory
 ) -> None:
     server = await dtls_server(handshake_timeout=30)
-    faults = Faults(loss=0.3, reorder=0.2, duplicate=0.1, jitter=0.01)
+    # Two losses per client each way: at most 2**4 - 1 = 15 s in retransmission
+    # timers, half the timeout.  Unbounded, 30% loss took over 30 s in 9 runs of
+    # 52, so the test would fail on bad luck rather than on a fault of ours.
+    faults = Faults(loss=0.3, max_losses=2, reorder=0.2, duplicate=0.1, jitter=0.01)
     relay = await fault_relay(server, seed=7, client_to_server=faults, server_to_client=faults)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

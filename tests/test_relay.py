@@ -169,6 +169,24 @@ async def test_loss_rate_matches_configuration_within_tolerance(sink: UdpServer)
     assert arrived == sorted(arrived)
 
 
+async def test_loss_budget_spares_each_client_after_max_losses(echo: UdpServer) -> None:
+    lossy = Faults(loss=1.0, max_losses=3)
+    async with open_fault_relay(
+        echo.address, client_to_server=lossy, server_to_client=dataclasses.replace(lossy)
+    ) as relay:
+        with await open_client() as first, await open_client() as second:
+            for client in (first, second):
+                # Three lost on the way in, then three echoes lost on the way
+                # back: the budget is per client and per direction.
+                for _ in range(6):
+                    await client.sendto(b"ping", relay.address)
+                await client.sendto(b"last", relay.address)
+                with trio.fail_after(2):
+                    assert await client.recv(100) == b"last"
+    assert relay.stats["c2s"].dropped == 6 and relay.stats["c2s"].delivered == 8
+    assert relay.stats["s2c"].dropped == 6 and relay.stats["s2c"].delivered == 2
+
+
 async def test_reorder_rate_matches_configuration(sink: UdpServer) -> None:
     n = 2000
     # A long hold, so every held datagram is released by its successor and
@@ -376,6 +394,7 @@ async def test_targets_other_than_a_loopback_ip_and_port_are_refused(target: Add
         ("jitter", float("inf")),
         ("reorder_hold", -0.5),
         ("mtu", 0),
+        ("max_losses", -1),
     ],
 )
 def test_invalid_faults_are_refused_naming_the_field(field: str, value: float) -> None:

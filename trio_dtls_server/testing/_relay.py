@@ -80,6 +80,11 @@ def _check_fault_field(name: str, value: object) -> None:
     elif name == "mtu":
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"Faults.mtu must be None or an integer >= 1, got {value!r}")
+    elif name == "max_losses":
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise ValueError(f"Faults.max_losses must be None or an integer >= 0, got {value!r}")
     elif name == "blackhole" and not isinstance(value, bool):
         raise ValueError(f"Faults.blackhole must be a bool, got {value!r}")
 
@@ -96,6 +101,15 @@ class Faults:
 
     #: Probability of dropping the datagram.
     loss: float = 0.0
+    #: At most this many of one client's datagrams are dropped by :attr:`loss`
+    #: in this direction; after that, :attr:`loss` spares the client.  DTLS
+    #: backs off exponentially (OpenSSL retransmits after 1 s, then 2 s, 4 s,
+    #: ...), so unbounded random loss gives handshake times a long tail: at
+    #: 30% loss each way, several handshakes in a hundred take over 30 s.
+    #: Budgets of *n* and *m* for the two directions bound the time a
+    #: handshake spends waiting for retransmissions to 2**(n + m) - 1 s, so a
+    #: test can pick a timeout that bad luck cannot reach.
+    max_losses: int | None = None
     #: Probability of delivering the datagram twice.
     duplicate: float = 0.0
     #: Probability of holding the datagram back and delivering it right after
@@ -187,6 +201,8 @@ class _Peer:
     # sends from racing for socket writability and keeps them in order.
     send_lock: trio.StrictFIFOLock = dataclasses.field(default_factory=trio.StrictFIFOLock)
     closed: bool = False
+    # Datagrams dropped by Faults.loss, for Faults.max_losses.
+    losses: dict[Direction, int] = dataclasses.field(default_factory=lambda: {"c2s": 0, "s2c": 0})
 
 
 @dataclasses.dataclass(order=True)
@@ -406,7 +422,9 @@ class FaultyRelay:
             stats.clamped += 1
             self._record(direction, "clamp", peer.client, size)
             return
-        if _roll(rng, faults.loss):
+        spared = faults.max_losses is not None and peer.losses[direction] >= faults.max_losses
+        if not spared and _roll(rng, faults.loss):
+            peer.losses[direction] += 1
             stats.dropped += 1
             self._record(direction, "drop", peer.client, size)
             return
