@@ -17,6 +17,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+import needs
 import pytest
 import trio
 from cliprocess import (
@@ -68,16 +69,10 @@ async def test_serve_prints_one_listening_line_with_the_actual_port(
     assert server.stdout.lines == [f"listening on 127.0.0.1:{server.port}"]
 
 
+@needs.ipv6
 async def test_serve_listening_line_for_ipv6_is_host_colon_port(
     cli: Launcher, dtls_pki: TestPKI
 ) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback")
     server = await cli.serve("--host", "::1", "--port", "0", *certificate_args(dtls_pki))
     assert server.stdout.lines == [f"listening on ::1:{server.port}"]
     session = await connect_dtls("::1", server.port, dtls_pki.client_config())

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
+import needs
 import pytest
 import trio
 import trio.testing
@@ -148,15 +149,6 @@ def stranger_sockets(hosts: list[str]) -> Iterator[list[socket.socket]]:
     finally:
         for sock in socks:
             sock.close()
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -494,7 +486,7 @@ async def test_flood_of_random_datagrams_and_mutated_hellos_stays_bounded(
     """10,000 datagrams: random bytes, crafted records and mutated ClientHellos (a tenth
     of them with valid cookies, so they reach OpenSSL), from strangers on IPv4 and IPv6
     and from an established session's own address."""
-    v6 = ipv6_loopback()
+    v6 = needs.ipv6_loopback()
     max_sessions = 8
     recorder = Recorder()
     server = await start_server(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import re
 import shutil
@@ -26,6 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import needs
 import pytest
 import trio
 from cliprocess import (
@@ -127,16 +127,18 @@ async def run_client(
     return ClientRun(argv, None if killed else process.returncode, stdout.lines, stderr.lines)
 
 
-def need_tool(name: str) -> str:
+def which(name: str) -> str:
+    """The path of a client program; its test is marked with ``needs.tool(name)``."""
     path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not on PATH")
+    assert path is not None, f"{name} is not on PATH: mark the test with needs.tool({name!r})"
     return path
 
 
-def need_module(name: str) -> None:
-    if importlib.util.find_spec(name) is None:
-        pytest.skip(f"the Python package {name!r} is not installed")
+# Each client's mark: its tests are skipped, with this reason, where it is missing.
+OPENSSL = needs.tool("openssl")
+GNUTLS = needs.tool("gnutls-cli")
+MBEDTLS = needs.module("mbedtls")
+QT = needs.module("PySide6")
 
 
 # -- the clients ---------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def need_module(name: str) -> None:
 
 def s_client(port: int, *credentials: str) -> list[str]:
     """``openssl s_client`` over DTLS 1.2; with -quiet its stdout is only the echo."""
-    openssl = need_tool("openssl")
+    openssl = which("openssl")
     return [
         openssl,
         "s_client",
@@ -177,7 +179,7 @@ def s_client_psk(identity: str, key: bytes) -> list[str]:
 
 def gnutls_cli(port: int, pki: TestPKI, *, certificate: bool = True) -> list[str]:
     argv = [
-        need_tool("gnutls-cli"),
+        which("gnutls-cli"),
         "--udp",
         "-p",
         str(port),
@@ -195,7 +197,6 @@ def gnutls_cli(port: int, pki: TestPKI, *, certificate: bool = True) -> list[str
 
 
 def mbedtls_client(port: int, *options: str, send: Sequence[str]) -> list[str]:
-    need_module("mbedtls")
     sends = [part for text in send for part in ("--send", text)]
     return [
         sys.executable,
@@ -223,7 +224,6 @@ def mbedtls_certificate(pki: TestPKI, *, untrusted: bool = False) -> list[str]:
 
 
 def qt_client(port: int, *options: str, send: Sequence[str]) -> list[str]:
-    need_module("PySide6")
     sends = [part for text in send for part in ("--send", text)]
     return [
         sys.executable,
@@ -294,6 +294,7 @@ async def wait_for_stat(server: ServerProcess, name: str, at_least: int) -> dict
 # -- OpenSSL ---------------------------------------------------------------------------------
 
 
+@OPENSSL
 async def test_interop_openssl_s_client_with_a_client_certificate(
     echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
@@ -308,6 +309,7 @@ async def test_interop_openssl_s_client_with_a_client_certificate(
     await echo_server.stderr.wait_for(containing("peer certificate"))
 
 
+@OPENSSL
 async def test_interop_openssl_s_client_with_psk(
     echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
@@ -326,6 +328,7 @@ async def test_interop_openssl_s_client_with_psk(
 # -- GnuTLS ----------------------------------------------------------------------------------
 
 
+@GNUTLS
 async def test_interop_gnutls_cli_with_a_client_certificate(
     echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
@@ -344,6 +347,7 @@ async def test_interop_gnutls_cli_with_a_client_certificate(
 # -- Mbed TLS --------------------------------------------------------------------------------
 
 
+@MBEDTLS
 async def test_interop_mbedtls_with_a_client_certificate(
     echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
@@ -357,6 +361,7 @@ async def test_interop_mbedtls_with_a_client_certificate(
     assert run.stdout[1:] == [reply(text) for text in messages], run
 
 
+@MBEDTLS
 async def test_interop_mbedtls_with_psk(
     echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
@@ -390,6 +395,7 @@ def qt_example_client(port: int, pings: int) -> list[str]:
     )
 
 
+@QT
 async def test_interop_qt_secureudpclient_example_with_psk_gets_acks(
     ack_server: ServerProcess, cli_env: dict[str, str]
 ) -> None:
@@ -402,6 +408,7 @@ async def test_interop_qt_secureudpclient_example_with_psk_gets_acks(
     assert run.stdout[2:] == [reply(f"to ({local[1]}): ACK")] * 2, run
 
 
+@QT
 async def test_interop_qt_client_hello_changes_between_hellos_and_still_passes_the_cookie(
     ack_server: ServerProcess, cli_env: dict[str, str], fault_relay: RelayFactory
 ) -> None:
@@ -422,6 +429,7 @@ async def test_interop_qt_client_hello_changes_between_hellos_and_still_passes_t
     )
 
 
+@QT
 async def test_interop_qt_with_certificates_verifying_the_server(
     echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:
@@ -452,6 +460,8 @@ class Refusal:
     good: Callable[[int, TestPKI], list[str]]
     #: The good client's line showing the echo (the message is "carry on").
     echo: str
+    #: What both clients need installed.
+    needs: pytest.MarkDecorator
 
 
 MESSAGE = "carry on"
@@ -462,18 +472,21 @@ REFUSALS = {
         alert="SSL alert number 40",  # handshake_failure
         good=lambda port, pki: s_client(port, *s_client_certificate(pki)),
         echo=MESSAGE,
+        needs=OPENSSL,
     ),
     "gnutls-no-certificate": Refusal(
         bad=lambda port, pki: gnutls_cli(port, pki, certificate=False),
         alert="Received alert [40]",
         good=lambda port, pki: gnutls_cli(port, pki),
         echo=MESSAGE,
+        needs=GNUTLS,
     ),
     "openssl-untrusted-certificate": Refusal(
         bad=lambda port, pki: s_client(port, *s_client_certificate(pki, untrusted=True)),
         alert="SSL alert number 48",  # unknown_ca
         good=lambda port, pki: s_client(port, *s_client_certificate(pki)),
         echo=MESSAGE,
+        needs=OPENSSL,
     ),
     "mbedtls-untrusted-certificate": Refusal(
         bad=lambda port, pki: mbedtls_client(
@@ -482,6 +495,7 @@ REFUSALS = {
         alert="fatal alert",
         good=lambda port, pki: mbedtls_client(port, *mbedtls_certificate(pki), send=[MESSAGE]),
         echo=reply(MESSAGE),
+        needs=MBEDTLS,
     ),
     "openssl-wrong-psk-key": Refusal(
         bad=lambda port, pki: s_client(
@@ -492,6 +506,7 @@ REFUSALS = {
             port, *s_client_psk("device-1", pki.psk_identities["device-1"])
         ),
         echo=MESSAGE,
+        needs=OPENSSL,
     ),
     "openssl-unknown-psk-identity": Refusal(
         bad=lambda port, pki: s_client(
@@ -502,6 +517,7 @@ REFUSALS = {
             port, *s_client_psk("device-1", pki.psk_identities["device-1"])
         ),
         echo=MESSAGE,
+        needs=OPENSSL,
     ),
     "mbedtls-unknown-psk-identity": Refusal(
         bad=lambda port, pki: mbedtls_client(
@@ -512,11 +528,14 @@ REFUSALS = {
             port, "--psk", f"device-2:{pki.psk_identities['device-2'].hex()}", send=[MESSAGE]
         ),
         echo=reply(MESSAGE),
+        needs=MBEDTLS,
     ),
 }
 
 
-@pytest.mark.parametrize("case", REFUSALS.values(), ids=REFUSALS.keys())
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=case.needs, id=name) for name, case in REFUSALS.items()]
+)
 async def test_interop_refuses_bad_credentials_and_carries_on(
     case: Refusal, echo_server: ServerProcess, dtls_pki: TestPKI, cli_env: dict[str, str]
 ) -> None:

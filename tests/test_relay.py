@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import needs
 import pytest
 import trio
 import trio.testing
@@ -343,16 +344,7 @@ async def test_set_faults_both_gives_each_direction_its_own_copy(sink: UdpServer
             relay.set_faults(both=Faults(), c2s=Faults())
 
 
-def ipv6_loopback_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not ipv6_loopback_available(), reason="::1 is not available")
+@needs.ipv6
 async def test_ipv6_target_is_relayed_over_ipv6(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, "::1", echo=True)
     async with open_fault_relay(server.address) as relay:

@@ -8,6 +8,7 @@ import os
 import socket
 from functools import partial
 
+import needs
 import pytest
 import trio
 import trio.testing
@@ -449,11 +450,10 @@ async def _echo(session: DTLSSession) -> None:
 
 
 @pytest.mark.parametrize(("bind", "connect"), [("::1", "::1"), ("::", "127.0.0.1")])
+@needs.ipv6
 async def test_ipv6_and_dual_stack(
     dtls_pki: TestPKI, dtls_server: ServerFactory, bind: str, connect: str
 ) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
     server = await dtls_server(host=bind)
     session = await connect_dtls(connect, server.port, dtls_pki.client_config())
     try:
